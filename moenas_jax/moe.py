@@ -9,6 +9,7 @@ expert 0. Tokens over capacity get zeros here; the caller's residual connection 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -18,7 +19,8 @@ from flax import nnx
 
 from moenas_jax import routing
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "relu6": jax.nn.relu6,
+               "silu": jax.nn.silu}
 
 
 def check_arch(num_experts: Any, top_k: Any, *, max_experts: int,
@@ -58,17 +60,21 @@ class MoEFeedForward(nnx.Module):
   all B · T tokens into groups of that many. `blocks_per_expert` sets the slot layout of
   `routing.CapacityPlan`: 1 is fastest; larger values bring the capacity of candidates whose
   expert count does not divide the block count closer to the Switch capacity.
+  `normalize_gates` makes each token's kept gates sum to 1 (see `routing.route`), so outputs
+  keep their scale across expert counts, as a weight-sharing supernet may want.
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, max_experts: int, max_top_k: int = 1,
                capacity_factor_train: float = 1.25, capacity_factor_eval: float = 2.0,
                gate_noise_std: float = 0.0, load_balance_weight: float = 0.01,
                z_loss_weight: float = 1e-3, group_size: int | None = None,
-               blocks_per_expert: int = 1, activation: str = "silu",
+               blocks_per_expert: int = 1, normalize_gates: bool = False,
+               activation: str = "silu",
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
     for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("max_experts", max_experts),
-                        ("max_top_k", max_top_k), ("blocks_per_expert", blocks_per_expert)):
-      if not isinstance(value, (int, np.integer)) or value < 1:
+                        ("max_top_k", max_top_k), ("blocks_per_expert", blocks_per_expert),
+                        ("group_size", 1 if group_size is None else group_size)):
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if max_top_k > max_experts:
       raise ValueError(f"max_top_k={max_top_k} exceeds max_experts={max_experts}; a token "
@@ -82,14 +88,13 @@ class MoEFeedForward(nnx.Module):
                         ("z_loss_weight", z_loss_weight)):
       if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-      raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     if activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     self.dim, self.hidden_dim = dim, hidden_dim
     self.max_experts, self.max_top_k = max_experts, max_top_k
-    self.capacity_factor_train = capacity_factor_train
-    self.capacity_factor_eval = capacity_factor_eval
+    self.capacity_factor_train = float(capacity_factor_train)
+    self.capacity_factor_eval = float(capacity_factor_eval)
+    self.normalize_gates = normalize_gates
     self.gate_noise_std = gate_noise_std
     self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
     self.group_size, self.blocks_per_expert = group_size, blocks_per_expert
@@ -123,10 +128,12 @@ class MoEFeedForward(nnx.Module):
                        f"of this batch ({batch} x {length}); choose a divisor or None")
     groups = x.reshape(-1, group_size, dim)  # [G, N, D]
     logits = jnp.einsum("gnd,de->gne", groups.astype(jnp.float32), self.router[...])
+    capacity_factor = self.capacity_factor_train if train else self.capacity_factor_eval
+    if self.max_experts == 1:  # every token goes to the one expert: room for N is enough
+      capacity_factor = min(capacity_factor, 1.0)
     dispatch, metrics = routing.route(
-        logits, num_experts, top_k, max_top_k=self.max_top_k,
-        capacity_factor=self.capacity_factor_train if train else self.capacity_factor_eval,
-        blocks_per_expert=self.blocks_per_expert,
+        logits, num_experts, top_k, max_top_k=self.max_top_k, capacity_factor=capacity_factor,
+        blocks_per_expert=self.blocks_per_expert, normalize_gates=self.normalize_gates,
         noise_key=key if train else None, noise_std=self.gate_noise_std)
 
     blocks = dispatch.block_expert  # [M]

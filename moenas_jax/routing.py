@@ -35,7 +35,7 @@ def capacity(num_tokens: int, top_k: int, capacity_factor: float, num_experts: i
   The factor is read as the decimal the user wrote (1.1 is 11/10), so 10 tokens at factor 1.1
   give 11 slots, not the 12 that float rounding of 10 * 1.1 would give.
   """
-  factor = Fraction(capacity_factor).limit_denominator(1_000_000)
+  factor = Fraction(float(capacity_factor)).limit_denominator(1_000_000)
   return math.ceil(num_tokens * top_k * factor / num_experts)
 
 
@@ -124,7 +124,7 @@ class Dispatch:
 
 def route(logits: jax.Array, num_experts: jax.Array, top_k: jax.Array, *, max_top_k: int,
           capacity_factor: float, blocks_per_expert: int = 1,
-          noise_key: jax.Array | None = None,
+          normalize_gates: bool = False, noise_key: jax.Array | None = None,
           noise_std: float = 0.0) -> tuple[Dispatch, dict[str, jax.Array]]:
   """Routes the tokens of G groups to the top-k of the candidate's active experts.
 
@@ -136,17 +136,24 @@ def route(logits: jax.Array, num_experts: jax.Array, top_k: jax.Array, *, max_to
     max_top_k: K, the static maximum of top_k.
     capacity_factor: per-expert slots relative to an even spread of the N · k choices.
     blocks_per_expert: r of the CapacityPlan (M = r · E_max blocks).
+    normalize_gates: divide each token's kept gates by their sum, so the output scale does not
+      shrink with n (the sum is held constant for gradients: the router still learns from
+      the task loss, also at top-1). Off by default, as in Switch and V-MoE.
     noise_key: with noise_std > 0, Gaussian noise of that std is added to the logits.
     noise_std: standard deviation of the gate noise.
 
   Returns:
-    The Dispatch, and metrics: `load_balance_loss` (Switch: n · Σ_e f_e · P_e over active
-    experts, f_e the share of the N · k choices sent to e before capacity, P_e the mean gate
-    of e; 1 when balanced), `z_loss` (mean squared log-sum-exp of the active logits),
+    The Dispatch, and metrics: `load_balance_loss` (Switch/GShard: n · Σ_e f_e · P_e over
+    active experts, f_e the share of first choices sent to e before capacity, P_e the mean
+    gate of e; 1 when balanced, n when collapsed onto one expert), `z_loss` (mean squared
+    log-sum-exp of the active logits),
     `drop_fraction` (share of the choices dropped for lack of capacity) and `expert_counts`
     (int32 [E], choices kept per expert, summed over groups).
   """
   groups, tokens, experts = logits.shape
+  # Validated on the host already; clipping keeps a stray value from producing NaNs here.
+  num_experts = jnp.clip(num_experts, 1, experts)
+  top_k = jnp.clip(top_k, 1, jnp.minimum(num_experts, max_top_k))
   plan = make_plan(groups, tokens, experts, max_top_k, capacity_factor, blocks_per_expert)
   logits = logits.astype(jnp.float32)
   if noise_key is not None and noise_std > 0:
@@ -173,13 +180,17 @@ def route(logits: jax.Array, num_experts: jax.Array, top_k: jax.Array, *, max_to
   token = jnp.broadcast_to(group * tokens + jnp.arange(tokens)[:, None], token_slot.shape)
   slot_token = jnp.full((plan.num_slots,), groups * tokens, jnp.int32)
   slot_token = slot_token.at[token_slot.reshape(-1)].set(token.reshape(-1), mode="drop")
+  combine_weights = jnp.where(kept, gate, 0.0)
+  if normalize_gates:
+    total = combine_weights.sum(-1, keepdims=True)
+    combine_weights = combine_weights / jax.lax.stop_gradient(jnp.where(total > 0, total, 1.0))
   dispatch = Dispatch(token_slot=token_slot, slot_token=slot_token,
-                      combine_weights=jnp.where(kept, gate, 0.0),
+                      combine_weights=combine_weights,
                       block_expert=plan.block_expert(num_experts))
 
-  share = one_hot.sum(axis=(1, 2)) / (tokens * top_k)  # [G, E], f_e
+  share = one_hot[:, :, 0].mean(axis=1)  # [G, E], f_e over first choices
   mean_gate = gates.mean(axis=1)  # [G, E], P_e
-  num_chosen = chosen.sum()
+  num_chosen = jnp.maximum(chosen.sum(), 1)
   metrics = {
       "load_balance_loss": (num_experts * (share * mean_gate).sum(-1)).mean(),
       "z_loss": jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean(),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moenas_jax import moe
+from moenas_jax import moe, routing
 from moenas_jax.compilation import count_compilations
 
 D, H, E = 8, 16, 4
@@ -85,6 +85,53 @@ def test_an_example_does_not_depend_on_the_rest_of_the_batch():
   np.testing.assert_allclose(y[2:3], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_drops_with_several_experts_match_the_kept_choices():
+  # Tight capacity (factor 0.5) with 3 of 4 experts and top-2: some choices are dropped.
+  # Each token's output must be the gate-weighted sum over exactly its kept choices.
+  block = _block(capacity_factor_eval=0.5)
+  x = _tokens(batch=2, length=8)
+  y, metrics = block(x, jnp.int32(3), jnp.int32(2))
+  assert 0.1 < float(metrics["drop_fraction"]) < 0.9
+  logits = jnp.einsum("gnd,de->gne", x, block.router[...])
+  dispatch, _ = routing.route(logits, jnp.int32(3), jnp.int32(2), max_top_k=2,
+                              capacity_factor=0.5)
+  rows = dispatch.slot_token.shape[0] // dispatch.block_expert.shape[0]
+  kept = np.asarray(dispatch.token_slot) < dispatch.slot_token.shape[0]
+  expert = np.asarray(dispatch.block_expert)[np.minimum(dispatch.token_slot // rows,
+                                                        dispatch.block_expert.shape[0] - 1)]
+  p = {name: np.asarray(getattr(block, name)[...], np.float64)
+       for name in ("w_in", "b_in", "w_out", "b_out")}
+  hidden = np.einsum("btd,edh->bteh", np.asarray(x, np.float64), p["w_in"]) + p["b_in"]
+  outs = np.einsum("bteh,ehd->bted", hidden / (1 + np.exp(-hidden)), p["w_out"]) + p["b_out"]
+  expected = np.zeros(x.shape)
+  for b, t, j in zip(*np.nonzero(kept)):
+    expected[b, t] += dispatch.combine_weights[b, t, j] * outs[b, t, expert[b, t, j]]
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+  assert not kept.all() and kept.any()
+
+
+def test_normalized_gates_sum_to_one_and_still_train_the_router():
+  block = _block(normalize_gates=True, capacity_factor_eval=8.0)
+  x = _tokens()
+  y, _ = block(x, jnp.int32(4), jnp.int32(1))
+  # Top-1 with normalized gates: each token gets exactly its expert's output.
+  reference = _reference(block, x, 4, 1)
+  logits = np.asarray(x @ block.router[...], np.float64)
+  top_gate = 1 / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+  np.testing.assert_allclose(y, reference / top_gate[..., None], rtol=1e-4, atol=1e-5)
+  forward, params = _population_fn(block)
+  grads = jax.grad(lambda p: jnp.sum(forward(p, x, jnp.int32(4), jnp.int32(1), None)[0]))(params)
+  assert float(jnp.abs(grads["router"][...]).sum()) > 0
+
+
+def test_bfloat16_experts_stay_close_to_float32():
+  x = _tokens()
+  full, _ = _block()(x, jnp.int32(3), jnp.int32(2))
+  half, _ = _block(dtype=jnp.bfloat16)(x, jnp.int32(3), jnp.int32(2))
+  assert half.dtype == x.dtype
+  np.testing.assert_allclose(half, full, rtol=0.05, atol=0.02)
+
+
 def test_group_size_routes_across_examples():
   block = _block(group_size=15, capacity_factor_eval=8.0)
   x = _tokens(batch=4)  # 20 tokens do not split into groups of 15
@@ -156,7 +203,8 @@ def test_gradients_are_finite_and_skip_inactive_experts():
     (dict(capacity_factor_train=0.0), "capacity_factor_train must be > 0, got 0.0"),
     (dict(capacity_factor_eval=-1.0), "capacity_factor_eval must be > 0"),
     (dict(gate_noise_std=-0.1), "gate_noise_std must be >= 0"),
-    (dict(group_size=0), "group_size must be a positive integer or None"),
+    (dict(group_size=0), "group_size must be a positive integer, got 0"),
+    (dict(group_size=True), "group_size must be a positive integer, got True"),
     (dict(blocks_per_expert=0), "blocks_per_expert must be a positive integer"),
     (dict(activation="tanh"), "unknown activation 'tanh'; choose one of"),
 ])

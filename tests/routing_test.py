@@ -22,6 +22,7 @@ from moenas_jax.compilation import count_compilations
 ])
 def test_capacity_is_exact_switch_formula(tokens, k, factor, experts, expected):
   assert routing.capacity(tokens, k, factor, experts) == expected
+  assert routing.capacity(tokens, k, np.float32(factor), experts) == expected  # from configs
 
 
 def test_plan_gives_whole_blocks_to_active_experts():
@@ -124,6 +125,26 @@ def test_balanced_routing_has_unit_load_balance_loss():
                              capacity_factor=1.0)
   np.testing.assert_allclose(metrics["load_balance_loss"], 1.0, rtol=1e-6)
   np.testing.assert_array_equal(metrics["expert_counts"], [1, 1, 1, 1])
+
+
+def test_load_balance_counts_first_choices():
+  # n=2, top-2, both tokens put e0 first: f = (1, 0) although second choices all go to e1.
+  # Gates (3/4, 1/4) for both tokens: P = (3/4, 1/4), loss = 2 * 3/4 = 1.5 (collapsed
+  # towards the maximum n = 2), not the 1.0 of a balanced router.
+  logits = jnp.array([[[math.log(3.0), 0.0], [math.log(3.0), 0.0]]])
+  _, metrics = routing.route(logits, jnp.int32(2), jnp.int32(2), max_top_k=2,
+                             capacity_factor=2.0)
+  np.testing.assert_allclose(metrics["load_balance_loss"], 1.5, rtol=1e-6)
+
+
+def test_out_of_range_values_inside_jit_are_clipped_not_nan():
+  # Host validation rejects these; inside traced code they must not poison the step.
+  reference, ref_metrics = _route(3, 2)
+  too_many, metrics = _route(3, 3)  # top_k above K_max and n: clipped to 2
+  chex.assert_trees_all_equal(reference, too_many)
+  _, zero = _route(0, 0)  # clipped to one expert, top-1
+  chex.assert_tree_all_finite(zero)
+  np.testing.assert_array_equal(zero["expert_counts"], [4, 0, 0, 0])
 
 
 def test_gate_noise_follows_the_key_only():

@@ -1,0 +1,64 @@
+"""MobileNetV2 (Sandler et al. 2018) for small images: a dense edge baseline.
+
+The ImageNet layout with width multiplier α (0.35 to 1.0); for 28 to 64 px inputs the stem
+and the second stage keep stride 1 (the usual CIFAR adaptation), an 8x total downsampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moenas_jax.models import layers
+
+NAME = "mobilenet_v2"
+# (expansion t, channels c, blocks n, stride s) per stage.
+_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+           (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(nnx.Module):
+
+  def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
+               channels: int = 3, width_multiplier: float = 1.0, stem_stride: int = 1,
+               rngs: nnx.Rngs):
+    if not 0 < width_multiplier <= 4 or num_classes < 1 or stem_stride not in (1, 2):
+      raise ValueError(f"need 0 < width_multiplier <= 4, num_classes >= 1, stem_stride in "
+                       f"{{1, 2}}; got {width_multiplier}, {num_classes}, {stem_stride}")
+    image_size = tuple(image_size)
+    layers.check_image_size(NAME, image_size,
+                            stem_stride * math.prod(s for *_, s in _STAGES))
+    self.config = dict(num_classes=num_classes, image_size=image_size, channels=channels,
+                       width_multiplier=width_multiplier, stem_stride=stem_stride)
+    self.input_shape = (*image_size, channels)
+    width = layers.make_divisible(32 * width_multiplier)
+    self.stem = layers.ConvBN(channels, width, 3, stride=stem_stride, activation="relu6",
+                              rngs=rngs)
+    self.blocks = nnx.List()
+    for expand, out, count, stride in _STAGES:
+      out = layers.make_divisible(out * width_multiplier)
+      for i in range(count):
+        self.blocks.append(layers.InvertedResidual(
+            width, out, stride=stride if i == 0 else 1, expand_ratio=expand,
+            activation="relu6", rngs=rngs))
+        width = out
+    last = layers.make_divisible(1280 * max(1.0, width_multiplier))
+    self.last = layers.ConvBN(width, last, 1, activation="relu6", rngs=rngs)
+    self.head = nnx.Linear(last, num_classes, rngs=rngs)
+
+  def __call__(self, images: jax.Array, arch: Any = None, *, train: bool = False,
+               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Logits [B, num_classes]; no MoE layers, so `arch` must be None and aux_loss is 0."""
+    del key
+    layers.check_no_arch(NAME, arch)
+    layers.check_images(NAME, images, self.input_shape)
+    x = self.stem(images, train)
+    for block in self.blocks:
+      x = block(x, train)
+    x = self.last(x, train)
+    return self.head(x.mean(axis=(1, 2))), {"aux_loss": jnp.zeros(())}

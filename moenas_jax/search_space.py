@@ -1,0 +1,191 @@
+"""The architecture search space: `Arch` pytrees and what can be done with them.
+
+A candidate is data, not code: `Arch(num_experts[L], top_k[L])`, int32 arrays over the L MoE
+layers of the supernet; a population is the same pytree with a leading axis P. Sampling and
+mutation are pure JAX (jit- and vmap-able, keys from the caller). Validation, JSON and cost
+counting run on the host with NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from moenas_jax import moe
+
+
+@struct.dataclass
+class Arch:
+  """One candidate ([L] arrays) or a population ([P, L] arrays) of MoE layer settings."""
+
+  num_experts: Any
+  top_k: Any
+
+  def to_json(self) -> str:
+    """JSON object keyed by field name (one candidate or a population)."""
+    return json.dumps(to_dict(self), sort_keys=True)
+
+  def key(self) -> tuple:
+    """A hashable identity of one candidate, for caches and deduplication."""
+    return tuple((name, tuple(values)) for name, values in sorted(to_dict(self).items()))
+
+
+def to_dict(arch: Arch) -> dict[str, list]:
+  return {field.name: np.asarray(getattr(arch, field.name)).tolist()
+          for field in dataclasses.fields(arch)}
+
+
+def from_json(text: str | dict) -> Arch:
+  """Inverse of `Arch.to_json`; names the missing or unknown field if the JSON does not fit."""
+  data = json.loads(text) if isinstance(text, str) else dict(text)
+  names = [field.name for field in dataclasses.fields(Arch)]
+  unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
+  if unknown or missing:
+    raise ValueError(f"arch JSON must have the fields {names}; missing {missing}, unknown "
+                     f"{unknown} in {data!r}")
+  return Arch(**{name: np.asarray(data[name], np.int32) for name in names})
+
+
+def stack(archs: Sequence[Arch]) -> Arch:
+  """P candidates → one population pytree with a leading axis P."""
+  if not archs:
+    raise ValueError("cannot stack an empty list of architectures")
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(v) for v in leaves]), *archs)
+
+
+def unstack(population: Arch) -> list[Arch]:
+  """A population pytree → its P candidates, as NumPy arrays."""
+  size = np.asarray(population.num_experts).shape[0]
+  return [jax.tree.map(lambda v, i=i: np.asarray(v)[i], population) for i in range(size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELayerShape:
+  """One MoE feed-forward layer of the supernet: width D, hidden width H, tokens per image."""
+
+  dim: int
+  hidden: int
+  tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """Per-layer maxima of the supernet and the costs of everything outside its MoE layers.
+
+  `base_params` / `base_macs` count the parameters and per-image multiply-accumulates of all
+  non-MoE layers; the MoE layers add what the candidate activates (see `params`, `macs`).
+  """
+
+  max_experts: tuple[int, ...]
+  max_top_k: tuple[int, ...]
+  layers: tuple[MoELayerShape, ...]
+  base_params: int
+  base_macs: int
+
+  def __post_init__(self):
+    if not len(self.max_experts) == len(self.max_top_k) == len(self.layers):
+      raise ValueError(f"max_experts ({len(self.max_experts)}), max_top_k "
+                       f"({len(self.max_top_k)}) and layers ({len(self.layers)}) must have "
+                       f"one entry per MoE layer")
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+  def _maxima(self) -> tuple[jax.Array, jax.Array]:
+    return jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32)
+
+  def largest(self) -> Arch:
+    """Every expert active, every token at the maximal top-k."""
+    return Arch(np.asarray(self.max_experts, np.int32), np.asarray(self.max_top_k, np.int32))
+
+  def dense(self) -> Arch:
+    """One expert, top-1 everywhere: the dense model."""
+    ones = np.ones(self.num_layers, np.int32)
+    return Arch(ones, ones.copy())
+
+  def sample(self, key: jax.Array) -> Arch:
+    """Uniform expert count per layer, then a uniform top-k in 1..min(max_top_k, experts)."""
+    max_experts, max_top_k = self._maxima()
+    experts_key, top_k_key = jax.random.split(key)
+    experts = jax.random.randint(experts_key, (self.num_layers,), 1, max_experts + 1)
+    top_k = jax.random.randint(top_k_key, (self.num_layers,), 1,
+                               jnp.minimum(max_top_k, experts) + 1)
+    return Arch(experts, top_k)
+
+  def sample_population(self, key: jax.Array, size: int) -> Arch:
+    return jax.vmap(self.sample)(jax.random.split(key, size))
+
+  def mutate(self, key: jax.Array, arch: Arch, num_mutations: int = 1) -> Arch:
+    """Changes `num_mutations` genes (a layer's expert count or its top-k) to new values.
+
+    A top-k gene with no other valid value (top_k can only be 1) mutates the expert count of
+    its layer instead; top-k is then clipped to the new expert count, so the child is valid.
+    Repeated draws may hit the same gene; a space with one architecture returns it unchanged.
+    """
+    max_experts, max_top_k = self._maxima()
+    experts = jnp.asarray(arch.num_experts, jnp.int32)
+    top_k = jnp.asarray(arch.top_k, jnp.int32)
+    for step_key in jax.random.split(key, num_mutations):
+      layer_key, gene_key, value_key = jax.random.split(step_key, 3)
+      layer = jax.random.randint(layer_key, (), 0, self.num_layers)
+      choices_k = jnp.minimum(max_top_k[layer], experts[layer])
+      mutate_k = jax.random.bernoulli(gene_key) & (choices_k > 1)
+      choices = jnp.where(mutate_k, choices_k, max_experts[layer])
+      current = jnp.where(mutate_k, top_k[layer], experts[layer])
+      # A different value, uniform over the others: shift by 1..choices-1 around the ring.
+      shift = jax.random.randint(value_key, (), 1, jnp.maximum(choices, 2))
+      new = jnp.where(choices > 1, (current - 1 + shift) % choices + 1, current)
+      experts = experts.at[layer].set(jnp.where(mutate_k, experts[layer], new))
+      top_k = top_k.at[layer].set(jnp.where(mutate_k, new,
+                                            jnp.minimum(top_k[layer], experts[layer])))
+    return Arch(experts, top_k)
+
+  def validate(self, arch: Arch) -> Arch:
+    """Checks one candidate or a population on the host; returns it as int32 NumPy arrays."""
+    experts, top_k = np.asarray(arch.num_experts), np.asarray(arch.top_k)
+    if experts.ndim not in (1, 2) or experts.shape[-1] != self.num_layers:
+      raise ValueError(f"arch.num_experts has shape {experts.shape}; the supernet has "
+                       f"{self.num_layers} MoE layers, so give [{self.num_layers}] values "
+                       f"(or [P, {self.num_layers}] for a population)")
+    experts, top_k = moe.check_arch(experts, top_k, max_experts=max(self.max_experts),
+                                    max_top_k=max(self.max_top_k))
+    for name, values, maxima in (("num_experts", experts, self.max_experts),
+                                 ("top_k", top_k, self.max_top_k)):
+      over = values > np.asarray(maxima)
+      if over.any():
+        where = tuple(int(i) for i in np.argwhere(over)[0])
+        raise ValueError(f"{name}{list(where)} = {values[where]} exceeds the maximum "
+                         f"{maxima[where[-1]]} of MoE layer {where[-1]}")
+    return Arch(experts, top_k)
+
+  def params(self, arch: Arch) -> np.ndarray:
+    """Stored parameters of the standalone model with only the active experts.
+
+    Per MoE layer: router D · n, plus n experts of D · H + H + H · D + D.
+    """
+    experts = np.asarray(arch.num_experts, np.int64)
+    per_expert = np.array([2 * s.dim * s.hidden + s.hidden + s.dim + s.dim for s in self.layers])
+    return self.base_params + (experts * per_expert).sum(-1)
+
+  def macs(self, arch: Arch) -> np.ndarray:
+    """Multiply-accumulates per image on the active path.
+
+    Per MoE layer and token: the router (D · n), and for each of the k chosen experts its two
+    matmuls (2 · D · H) plus the gate-weighted combine (D). Capacity padding is not counted:
+    it is what a per-token implementation on the device would run.
+    """
+    experts = np.asarray(arch.num_experts, np.int64)
+    top_k = np.asarray(arch.top_k, np.int64)
+    tokens = np.array([s.tokens for s in self.layers])
+    dims = np.array([s.dim for s in self.layers])
+    hidden = np.array([s.hidden for s in self.layers])
+    per_layer = tokens * (dims * experts + top_k * (2 * dims * hidden + dims))
+    return self.base_macs + per_layer.sum(-1)

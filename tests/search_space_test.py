@@ -1,0 +1,118 @@
+"""Tests of the Arch pytree and the search space (sampling, mutation, JSON, costs)."""
+
+import jax
+import numpy as np
+import pytest
+
+from moenas_jax import search_space
+from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
+
+SPACE = SearchSpace(max_experts=(8,) * 5, max_top_k=(2,) * 5,
+                    layers=(MoELayerShape(8, 16, 10),) * 5, base_params=0, base_macs=0)
+
+
+def _arrays(arch):
+  return np.asarray(arch.num_experts), np.asarray(arch.top_k)
+
+
+def test_samples_are_valid_and_cover_the_ranges():
+  population = jax.jit(SPACE.sample_population, static_argnums=1)(jax.random.key(0), 2000)
+  SPACE.validate(population)  # raises if any sample is invalid
+  experts, top_k = _arrays(population)
+  assert experts.shape == (2000, 5)
+  assert set(np.unique(experts)) == set(range(1, 9))
+  assert set(np.unique(top_k)) == {1, 2}
+  assert (top_k[experts == 1] == 1).all()
+  # Uniform over 1..8: each value near 1/8 of the draws (10000 draws, sd about 0.003).
+  frequencies = np.bincount(experts.ravel(), minlength=9)[1:] / experts.size
+  np.testing.assert_allclose(frequencies, 1 / 8, atol=0.015)
+  # Given n >= 2 experts, top-k is uniform over {1, 2}.
+  np.testing.assert_allclose((top_k[experts >= 2] == 2).mean(), 0.5, atol=0.02)
+
+
+def test_sampling_is_deterministic_in_the_key():
+  a, b = SPACE.sample(jax.random.key(7)), SPACE.sample(jax.random.key(7))
+  assert a.key() == b.key()
+  assert SPACE.sample(jax.random.key(8)).key() != a.key()
+
+
+def test_a_mutation_changes_one_layer_and_stays_valid():
+  parents = SPACE.sample_population(jax.random.key(1), 500)
+  keys = jax.random.split(jax.random.key(2), 500)
+  children = jax.jit(jax.vmap(SPACE.mutate))(keys, parents)
+  SPACE.validate(children)
+  (pe, pk), (ce, ck) = _arrays(parents), _arrays(children)
+  changed_layers = ((pe != ce) | (pk != ck)).sum(-1)
+  np.testing.assert_array_equal(changed_layers, 1)  # 8 experts, K=2: always a new value
+  experts_changed = (pe != ce).any(-1)
+  assert 0.3 < experts_changed.mean() < 0.9  # both genes get mutated
+  # A top-k change keeps the expert count; an expert-count change clips top-k only if needed.
+  top_k_only = (pk != ck).any(-1) & ~experts_changed
+  assert top_k_only.any()
+
+
+def test_mutation_with_a_single_valid_value_keeps_the_arch():
+  tiny = SearchSpace(max_experts=(1,), max_top_k=(1,), layers=(MoELayerShape(4, 4, 4),),
+                     base_params=0, base_macs=0)
+  child = tiny.mutate(jax.random.key(0), tiny.dense(), num_mutations=3)
+  assert child.key() == tiny.dense().key()
+
+
+def test_json_round_trip_and_keys():
+  arch = Arch(np.array([3, 1, 8], np.int32), np.array([2, 1, 1], np.int32))
+  text = arch.to_json()
+  assert text == '{"num_experts": [3, 1, 8], "top_k": [2, 1, 1]}'
+  back = search_space.from_json(text)
+  assert back.key() == arch.key() and hash(back.key()) == hash(arch.key())
+  assert back.num_experts.dtype == np.int32
+  with pytest.raises(ValueError, match=r"missing \['top_k'\], unknown \['width'\]"):
+    search_space.from_json('{"num_experts": [1], "width": [2]}')
+
+
+def test_stack_and_unstack_round_trip():
+  archs = [SPACE.sample(key) for key in jax.random.split(jax.random.key(3), 4)]
+  population = search_space.stack(archs)
+  assert np.asarray(population.num_experts).shape == (4, 5)
+  assert [a.key() for a in search_space.unstack(population)] == [a.key() for a in archs]
+
+
+def test_largest_and_dense():
+  assert search_space.to_dict(SPACE.largest()) == {"num_experts": [8] * 5, "top_k": [2] * 5}
+  assert search_space.to_dict(SPACE.dense()) == {"num_experts": [1] * 5, "top_k": [1] * 5}
+
+
+@pytest.mark.parametrize("experts, top_k, message", [
+    ([1, 2, 3], [1, 1, 1], r"shape \(3,\); the supernet has 5 MoE layers"),
+    ([1, 2, 3, 4, 9], [1, 1, 1, 1, 1], r"num_experts\[4\] = 9 must be in 1..8"),
+    ([1, 2, 3, 4, 5], [1, 1, 1, 1, 3], r"top_k\[4\] = 3 must be in 1..2"),
+    ([1, 2, 3, 4, 5], [2, 1, 1, 1, 1], r"top_k\[0\] = 2 must not exceed num_experts"),
+])
+def test_validate_names_the_bad_value(experts, top_k, message):
+  with pytest.raises(ValueError, match=message):
+    SPACE.validate(Arch(np.array(experts), np.array(top_k)))
+
+
+def test_validate_checks_per_layer_maxima():
+  space = SearchSpace(max_experts=(4, 2), max_top_k=(2, 1),
+                      layers=(MoELayerShape(8, 16, 10), MoELayerShape(4, 8, 3)),
+                      base_params=0, base_macs=0)
+  with pytest.raises(ValueError, match=r"num_experts\[1\] = 3 exceeds the maximum 2 of MoE layer 1"):
+    space.validate(Arch(np.array([1, 3]), np.array([1, 1])))
+
+
+def test_params_and_macs_by_hand():
+  space = SearchSpace(max_experts=(4, 2), max_top_k=(2, 1),
+                      layers=(MoELayerShape(dim=8, hidden=16, tokens=10),
+                              MoELayerShape(dim=4, hidden=8, tokens=3)),
+                      base_params=100, base_macs=1000)
+  arch = Arch(np.array([3, 1]), np.array([2, 1]))
+  # Layer 0: router 8*3 + 3 experts * (8*16 + 16 + 16*8 + 8) = 24 + 3 * 280 = 864.
+  # Layer 1: router 4*1 + 1 expert * (4*8 + 8 + 8*4 + 4) = 4 + 76 = 80.
+  assert int(space.params(arch)) == 100 + 864 + 80
+  # MACs per token: router D*n + k * (2*D*H + D).
+  # Layer 0: 10 * (8*3 + 2 * (2*8*16 + 8)) = 10 * 552 = 5520.
+  # Layer 1: 3 * (4*1 + 1 * (2*4*8 + 4)) = 3 * 72 = 216.
+  assert int(space.macs(arch)) == 1000 + 5520 + 216
+  population = search_space.stack([arch, space.dense()])
+  np.testing.assert_array_equal(space.macs(population),
+                                [6736, 1000 + 10 * (8 + 264) + 216])
