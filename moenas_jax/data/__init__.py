@@ -1,0 +1,1 @@
+"""Data: builders with sensitive-group labels, the batch pipeline, lighting perturbations."""
