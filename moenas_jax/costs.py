@@ -3,7 +3,8 @@
 `count_macs` traces a function and adds up the multiply-accumulates of every matmul
 (`dot_general`) and convolution in its jaxpr, so it counts what the code really computes.
 Elementwise work (norms, activations, residual adds, pooling) is not counted, as in the
-usual MAC figures of edge models.
+usual MAC figures of edge models. A scan counts its body `length` times, a cond its costliest
+branch; while loops are refused. Counts cover the whole call: pass one image for per-image MACs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
       kernel = eqn.invars[1].aval.shape
       out_channels = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
       total += math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) // out_channels
+    elif eqn.primitive.name == "scan":
+      total += eqn.params["length"] * _jaxpr_macs(eqn.params["jaxpr"].jaxpr)
+    elif eqn.primitive.name == "cond":
+      total += max(_jaxpr_macs(branch.jaxpr) for branch in eqn.params["branches"])
+    elif eqn.primitive.name == "while":
+      raise ValueError("count_macs cannot count a while loop (its trip count is dynamic); "
+                       "use a scan or a Python loop")
     else:
       total += sum(_jaxpr_macs(sub) for sub in _subjaxprs(eqn.params))
   return total

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from flax import nnx
 
 from moenas_jax.models.mobilevit import MobileViTV2
@@ -24,11 +23,19 @@ def standalone(supernet: MobileViTV2, arch: Arch) -> MobileViTV2:
   config = {**supernet.config, "max_experts": tuple(arch.num_experts.tolist()),
             "max_top_k": tuple(arch.top_k.tolist())}
   model = nnx.eval_shape(lambda: MobileViTV2(**config, rngs=nnx.Rngs(0)))
-  source = nnx.state(supernet)
-
-  def cut(target, value):
-    # Expert arrays ([E, ...]) and router columns ([D, E]) shrink; the rest keeps its shape.
-    return value[tuple(slice(0, size) for size in target.shape)]
-
-  nnx.update(model, jax.tree.map(cut, nnx.state(model), source))
+  state = nnx.state(model)
+  # Expert arrays ([E, ...]) and router columns ([D, E]) shrink to the candidate's sizes; a
+  # one-expert layer has no router; everything else keeps its shape.
+  nnx.replace_by_pure_dict(state, _cut(nnx.to_pure_dict(state),
+                                       nnx.to_pure_dict(nnx.state(supernet))))
+  nnx.update(model, state)
   return model
+
+
+def _cut(target, source):
+  """Source values sliced to the target's shapes, for the keys of the target."""
+  if isinstance(target, dict):
+    return {key: _cut(value, source[key]) for key, value in target.items()}
+  if isinstance(source, jax.ShapeDtypeStruct):  # an abstract supernet (nnx.eval_shape)
+    return jax.ShapeDtypeStruct(target.shape, source.dtype)
+  return source[tuple(slice(0, size) for size in target.shape)]

@@ -55,6 +55,9 @@ def check_arch(num_experts: Any, top_k: Any, *, max_experts: int,
 class MoEFeedForward(nnx.Module):
   """Switch feed-forward block: router + E_max experts with capacity-bounded top-k dispatch.
 
+  With `max_experts = 1` it is a plain feed-forward: no router, no capacity, no routing metrics
+  beyond constants (the dense baselines and one-expert standalone layers).
+
   Tokens `[B, T, D]` are routed in groups: by default each example's T tokens form one group
   (so an image's output never depends on the rest of the batch); `group_size` instead splits
   all B · T tokens into groups of that many. `blocks_per_expert` sets the slot layout of
@@ -101,7 +104,9 @@ class MoEFeedForward(nnx.Module):
     self.activation, self.dtype = activation, dtype
 
     expert_init = nnx.initializers.lecun_normal(batch_axis=0)
-    self.router = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim, max_experts)))
+    # With one expert there is nothing to route: the block is a plain feed-forward.
+    self.router = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim, max_experts)))
+                   if max_experts > 1 else None)
     self.w_in = nnx.Param(expert_init(rngs.params(), (max_experts, dim, hidden_dim)))
     self.b_in = nnx.Param(jnp.zeros((max_experts, hidden_dim)))
     self.w_out = nnx.Param(expert_init(rngs.params(), (max_experts, hidden_dim, dim)))
@@ -126,11 +131,13 @@ class MoEFeedForward(nnx.Module):
     if (batch * length) % group_size:
       raise ValueError(f"group_size={group_size} does not divide the {batch * length} tokens "
                        f"of this batch ({batch} x {length}); choose a divisor or None")
+    if self.router is None:
+      return self._dense(x), {
+          "load_balance_loss": jnp.ones(()), "z_loss": jnp.zeros(()), "aux_loss": jnp.zeros(()),
+          "drop_fraction": jnp.zeros(()), "expert_counts": jnp.full((1,), batch * length)}
     groups = x.reshape(-1, group_size, dim)  # [G, N, D]
     logits = jnp.einsum("gnd,de->gne", groups.astype(jnp.float32), self.router[...])
     capacity_factor = self.capacity_factor_train if train else self.capacity_factor_eval
-    if self.max_experts == 1:  # every token goes to the one expert: room for N is enough
-      capacity_factor = min(capacity_factor, 1.0)
     dispatch, metrics = routing.route(
         logits, num_experts, top_k, max_top_k=self.max_top_k, capacity_factor=capacity_factor,
         blocks_per_expert=self.blocks_per_expert, normalize_gates=self.normalize_gates,
@@ -148,3 +155,10 @@ class MoEFeedForward(nnx.Module):
     metrics["aux_loss"] = (self.load_balance_weight * metrics["load_balance_loss"]
                            + self.z_loss_weight * metrics["z_loss"])
     return y, metrics
+
+  def _dense(self, x: jax.Array) -> jax.Array:
+    """The feed-forward of expert 0 on every token (the block when max_experts = 1)."""
+    hidden = x.astype(self.dtype) @ self.w_in[...][0].astype(self.dtype) + self.b_in[...][0]
+    hidden = ACTIVATIONS[self.activation](hidden.astype(self.dtype))
+    out = hidden @ self.w_out[...][0].astype(self.dtype) + self.b_out[...][0]
+    return out.astype(x.dtype)

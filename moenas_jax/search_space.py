@@ -33,7 +33,7 @@ class Arch:
     return json.dumps(to_dict(self), sort_keys=True)
 
   def key(self) -> tuple:
-    """A hashable identity of one candidate, for caches and deduplication."""
+    """A hashable identity of one candidate ([L] arrays), for caches and deduplication."""
     return tuple((name, tuple(values)) for name, values in sorted(to_dict(self).items()))
 
 
@@ -44,12 +44,18 @@ def to_dict(arch: Arch) -> dict[str, list]:
 
 def from_json(text: str | dict) -> Arch:
   """Inverse of `Arch.to_json`; names the missing or unknown field if the JSON does not fit."""
-  data = json.loads(text) if isinstance(text, str) else dict(text)
+  data = json.loads(text) if isinstance(text, str) else text
+  if not isinstance(data, dict):
+    raise ValueError(f"arch JSON must be an object of named int lists, got {data!r}")
   names = [field.name for field in dataclasses.fields(Arch)]
   unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
   if unknown or missing:
     raise ValueError(f"arch JSON must have the fields {names}; missing {missing}, unknown "
                      f"{unknown} in {data!r}")
+  for name in names:
+    values = np.asarray(data[name], dtype=object).ravel().tolist()
+    if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+      raise ValueError(f"arch field {name!r} must hold integers, got {data[name]!r}")
   return Arch(**{name: np.asarray(data[name], np.int32) for name in names})
 
 
@@ -62,6 +68,9 @@ def stack(archs: Sequence[Arch]) -> Arch:
 
 def unstack(population: Arch) -> list[Arch]:
   """A population pytree → its P candidates, as NumPy arrays."""
+  if np.ndim(population.num_experts) != 2:
+    raise ValueError(f"unstack() takes a population [P, L], got shape "
+                     f"{np.shape(population.num_experts)}")
   size = np.asarray(population.num_experts).shape[0]
   return [jax.tree.map(lambda v, i=i: np.asarray(v)[i], population) for i in range(size)]
 
@@ -126,25 +135,28 @@ class SearchSpace:
   def mutate(self, key: jax.Array, arch: Arch, num_mutations: int = 1) -> Arch:
     """Changes `num_mutations` genes (a layer's expert count or its top-k) to new values.
 
-    A top-k gene with no other valid value (top_k can only be 1) mutates the expert count of
-    its layer instead; top-k is then clipped to the new expert count, so the child is valid.
-    Repeated draws may hit the same gene; a space with one architecture returns it unchanged.
+    The gene is drawn uniformly among those that have another valid value, the new value
+    uniformly among the other valid values. When an expert count drops below its layer's
+    top-k, the top-k is clipped too, so the child is always valid. Repeated draws may hit
+    the same gene; a space with one architecture returns it unchanged.
     """
     max_experts, max_top_k = self._maxima()
     experts = jnp.asarray(arch.num_experts, jnp.int32)
     top_k = jnp.asarray(arch.top_k, jnp.int32)
     for step_key in jax.random.split(key, num_mutations):
-      layer_key, gene_key, value_key = jax.random.split(step_key, 3)
-      layer = jax.random.randint(layer_key, (), 0, self.num_layers)
-      choices_k = jnp.minimum(max_top_k[layer], experts[layer])
-      mutate_k = jax.random.bernoulli(gene_key) & (choices_k > 1)
-      choices = jnp.where(mutate_k, choices_k, max_experts[layer])
-      current = jnp.where(mutate_k, top_k[layer], experts[layer])
+      gene_key, value_key = jax.random.split(step_key)
+      # Genes 0..L-1 are expert counts, L..2L-1 top-ks; `choices` counts their valid values.
+      choices = jnp.concatenate([max_experts, jnp.minimum(max_top_k, experts)])
+      changeable = choices > 1
+      gene = jax.random.choice(gene_key, 2 * self.num_layers,
+                               p=changeable / jnp.maximum(changeable.sum(), 1))
+      layer, is_top_k = gene % self.num_layers, gene >= self.num_layers
+      current = jnp.where(is_top_k, top_k[layer], experts[layer])
       # A different value, uniform over the others: shift by 1..choices-1 around the ring.
-      shift = jax.random.randint(value_key, (), 1, jnp.maximum(choices, 2))
-      new = jnp.where(choices > 1, (current - 1 + shift) % choices + 1, current)
-      experts = experts.at[layer].set(jnp.where(mutate_k, experts[layer], new))
-      top_k = top_k.at[layer].set(jnp.where(mutate_k, new,
+      shift = jax.random.randint(value_key, (), 1, jnp.maximum(choices[gene], 2))
+      new = jnp.where(changeable[gene], (current - 1 + shift) % choices[gene] + 1, current)
+      experts = experts.at[layer].set(jnp.where(is_top_k, experts[layer], new))
+      top_k = top_k.at[layer].set(jnp.where(is_top_k, new,
                                             jnp.minimum(top_k[layer], experts[layer])))
     return Arch(experts, top_k)
 
@@ -169,23 +181,28 @@ class SearchSpace:
   def params(self, arch: Arch) -> np.ndarray:
     """Stored parameters of the standalone model with only the active experts.
 
-    Per MoE layer: router D · n, plus n experts of D · H + H + H · D + D.
+    Per MoE layer: n experts of D · H + H + H · D + D, plus a router D · n if n > 1 (a
+    layer with one expert is a plain feed-forward).
     """
     experts = np.asarray(arch.num_experts, np.int64)
-    per_expert = np.array([2 * s.dim * s.hidden + s.hidden + s.dim + s.dim for s in self.layers])
-    return self.base_params + (experts * per_expert).sum(-1)
+    dims = np.array([s.dim for s in self.layers])
+    per_expert = np.array([2 * s.dim * s.hidden + s.hidden + s.dim for s in self.layers])
+    router = np.where(experts > 1, dims * experts, 0)
+    return self.base_params + (experts * per_expert + router).sum(-1)
 
   def macs(self, arch: Arch) -> np.ndarray:
     """Multiply-accumulates per image on the active path.
 
     Per MoE layer and token: the router (D · n), and for each of the k chosen experts its two
-    matmuls (2 · D · H) plus the gate-weighted combine (D). Capacity padding is not counted:
-    it is what a per-token implementation on the device would run.
+    matmuls (2 · D · H) plus the gate-weighted combine (D); a layer with one expert is a plain
+    feed-forward (2 · D · H). Capacity padding is not counted: it is what a per-token
+    implementation on the device would run.
     """
     experts = np.asarray(arch.num_experts, np.int64)
     top_k = np.asarray(arch.top_k, np.int64)
     tokens = np.array([s.tokens for s in self.layers])
     dims = np.array([s.dim for s in self.layers])
     hidden = np.array([s.hidden for s in self.layers])
-    per_layer = tokens * (dims * experts + top_k * (2 * dims * hidden + dims))
+    routed = experts > 1
+    per_layer = tokens * (top_k * 2 * dims * hidden + routed * (dims * experts + top_k * dims))
     return self.base_macs + per_layer.sum(-1)

@@ -13,9 +13,15 @@ from moenas_jax.search_space import Arch
 CONFIG = dict(num_classes=6, width_multiplier=0.25, max_experts=4, max_top_k=2)
 
 
-def _supernet(capacity_factor_eval):
-  return mobilevit.MobileViTV2(moe_settings=dict(capacity_factor_eval=capacity_factor_eval),
-                               rngs=nnx.Rngs(0), **CONFIG)
+def _supernet(capacity_factor_eval, **config):
+  """A supernet whose every weight and statistic is random (not the 0/1 of initialisation)."""
+  model = mobilevit.MobileViTV2(moe_settings=dict(capacity_factor_eval=capacity_factor_eval),
+                                rngs=nnx.Rngs(0), **{**CONFIG, **config})
+  state = nnx.state(model)
+  keys = iter(jax.random.split(jax.random.key(9), len(jax.tree.leaves(state))))
+  nnx.update(model, jax.tree.map(
+      lambda v: v + 0.1 * jnp.abs(jax.random.normal(next(keys), v.shape)), state))
+  return model
 
 
 def _logits(model, images, arch=None):
@@ -28,8 +34,7 @@ def test_standalone_logits_equal_the_supernet_under_its_arch():
   supernet = _supernet(capacity_factor_eval=8.0)  # ample: no token is dropped
   space = supernet.search_space()
   images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-  for seed in (0, 1):
-    arch = space.validate(space.sample(jax.random.key(seed)))
+  for arch in (space.validate(space.sample(jax.random.key(0))), space.dense()):
     model = export.standalone(supernet, arch)
     assert [vit.transformer[0].ffn.max_experts for vit in model.vit] == \
         arch.num_experts[[0, 2, 6]].tolist()
@@ -54,6 +59,25 @@ def test_standalone_size_and_macs_match_the_search_space():
   model = export.standalone(supernet, arch)
   padded = 2 * 2 * space.layers[0].dim * space.layers[0].hidden
   assert costs.count_macs(lambda x: model(x)[0], images) == int(space.macs(arch)) + padded
+
+
+def test_costs_match_for_odd_maps_and_per_layer_maxima():
+  # 28x28x1: the first transformer stage sees a 7x7 map and uses 1x1 patches.
+  supernet = nnx.eval_shape(lambda: mobilevit.MobileViTV2(
+      num_classes=4, image_size=(28, 28), channels=1, width_multiplier=0.5, depths=(1, 2, 1),
+      max_experts=(2, 4, 4, 1), max_top_k=(2, 1, 2, 1),
+      moe_settings=dict(capacity_factor_eval=1.0), rngs=nnx.Rngs(0)))
+  space = supernet.search_space()
+  assert [layer.tokens for layer in space.layers] == [49, 16, 16, 4]
+  arch = Arch(np.array([2, 4, 2, 1]), np.array([1, 1, 2, 1]))  # n divides tokens * k
+  model = export.standalone(supernet, arch)
+  assert costs.count_params(model) == int(space.params(arch))
+  graphdef, params, state = models.split(model)
+  images = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+  macs = costs.count_macs(lambda p, s, x: models.apply(graphdef, p, s, x)[0], params, state,
+                          images)
+  # 49 tokens over 2 experts: ceil(49 / 2) = 25 slots each, one padded slot of 2 * D * H.
+  assert macs == int(space.macs(arch)) + 2 * space.layers[0].dim * space.layers[0].hidden
 
 
 def test_dense_export_is_the_dense_mobilevit():

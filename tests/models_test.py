@@ -42,18 +42,22 @@ def test_every_model_maps_images_to_logits_at_every_size(name, image_size, chann
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_training_updates_batch_norm_statistics_only(name):
+def test_training_updates_batch_norm_statistics_and_has_gradients(name):
   model = models.build(name, num_classes=3, image_size=(16, 16) if name == "resnet" else (32, 32),
                        rngs=nnx.Rngs(0), **SMALL[name])
   graphdef, params, state = models.split(model)
   images = jax.random.normal(jax.random.key(1), (2, *model.input_shape))
-  step = jax.jit(lambda p, s, x, train: models.apply(graphdef, p, s, x, train=train,
-                                                     key=jax.random.key(2)),
-                 static_argnums=3)
-  logits, new_state, aux = step(params, state, images, True)
-  chex.assert_tree_all_finite((logits, aux["aux_loss"], new_state))
+
+  def loss(params, train):
+    logits, new_state, aux = models.apply(graphdef, params, state, images, train=train,
+                                          key=jax.random.key(2))
+    return jnp.sum(logits) + aux["aux_loss"], (logits, new_state)
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, (logits, new_state)), grads = step(params, True)
+  chex.assert_tree_all_finite((logits, grads, new_state))
   assert not any(jax.tree.leaves(jax.tree.map(jnp.array_equal, state, new_state)))
-  _, eval_state, _ = step(params, state, images, False)
+  _, eval_state, _ = jax.jit(lambda p, s: models.apply(graphdef, p, s, images))(params, state)
   chex.assert_trees_all_equal(eval_state, state)
 
 
@@ -97,6 +101,16 @@ def test_unknown_model_name_lists_the_valid_ones():
 def test_bad_model_configs_fail_at_construction(name, config, message):
   with pytest.raises(ValueError, match=message):
     models.build(name, num_classes=2, rngs=nnx.Rngs(0), **config)
+
+
+def test_the_supernet_rejects_an_arch_of_the_wrong_shape():
+  model = _abstract("mobilevit_v2", num_classes=2, width_multiplier=0.25, depths=(1, 1, 1),
+                    max_experts=4)
+  images = jnp.zeros((1, 32, 32, 3))
+  for shape in ((5,), (2,), (4, 3)):
+    arch = search_space.Arch(np.ones(shape, np.int32), np.ones(shape, np.int32))
+    with pytest.raises(ValueError, match=r"takes one candidate, Arch with \[3\] arrays"):
+      jax.eval_shape(lambda a: model(images, a), arch)
 
 
 def test_bad_calls_name_the_fix():

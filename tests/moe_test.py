@@ -64,6 +64,17 @@ def test_one_expert_top1_is_the_dense_ffn():
   np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-6)
 
 
+def test_a_one_expert_block_is_a_plain_feed_forward_without_router():
+  block = moe.MoEFeedForward(D, H, max_experts=1, capacity_factor_eval=0.5, rngs=nnx.Rngs(0))
+  assert block.router is None
+  x = _tokens()
+  y, metrics = block(x, jnp.int32(1), jnp.int32(1))
+  dense = jax.nn.silu(x @ block.w_in[...][0] + block.b_in[...][0])
+  dense = dense @ block.w_out[...][0] + block.b_out[...][0]
+  np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-6)  # no capacity, nothing dropped
+  assert float(metrics["aux_loss"]) == 0.0 and float(metrics["drop_fraction"]) == 0.0
+
+
 def test_dropped_tokens_get_zero_and_kept_tokens_their_expert():
   # One expert, capacity factor 0.4: ceil(5 * 0.4) = 2 tokens per example are kept,
   # the first two; the other three are dropped (the caller's residual carries them).

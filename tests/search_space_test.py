@@ -51,6 +51,17 @@ def test_a_mutation_changes_one_layer_and_stays_valid():
   assert top_k_only.any()
 
 
+def test_mutation_only_picks_genes_that_can_change():
+  # Layer 0 has one possible value for both genes: every mutation must hit layer 1.
+  space = SearchSpace(max_experts=(1, 8), max_top_k=(1, 2),
+                      layers=(MoELayerShape(4, 4, 4),) * 2, base_params=0, base_macs=0)
+  parents = space.sample_population(jax.random.key(5), 300)
+  children = jax.vmap(space.mutate)(jax.random.split(jax.random.key(6), 300), parents)
+  (pe, pk), (ce, ck) = _arrays(parents), _arrays(children)
+  assert ((pe[:, 1] != ce[:, 1]) | (pk[:, 1] != ck[:, 1])).all()
+  np.testing.assert_array_equal(ce[:, 0], 1)
+
+
 def test_mutation_with_a_single_valid_value_keeps_the_arch():
   tiny = SearchSpace(max_experts=(1,), max_top_k=(1,), layers=(MoELayerShape(4, 4, 4),),
                      base_params=0, base_macs=0)
@@ -67,6 +78,11 @@ def test_json_round_trip_and_keys():
   assert back.num_experts.dtype == np.int32
   with pytest.raises(ValueError, match=r"missing \['top_k'\], unknown \['width'\]"):
     search_space.from_json('{"num_experts": [1], "width": [2]}')
+  for bad in ('[2.7]', '[true]', '["3"]', '[null]', '[]'):
+    with pytest.raises(ValueError, match="'num_experts' must hold integers"):
+      search_space.from_json(f'{{"num_experts": {bad}, "top_k": [1]}}')
+  with pytest.raises(ValueError, match="must be an object"):
+    search_space.from_json("[1, 2]")
 
 
 def test_stack_and_unstack_round_trip():
@@ -107,12 +123,12 @@ def test_params_and_macs_by_hand():
                       base_params=100, base_macs=1000)
   arch = Arch(np.array([3, 1]), np.array([2, 1]))
   # Layer 0: router 8*3 + 3 experts * (8*16 + 16 + 16*8 + 8) = 24 + 3 * 280 = 864.
-  # Layer 1: router 4*1 + 1 expert * (4*8 + 8 + 8*4 + 4) = 4 + 76 = 80.
-  assert int(space.params(arch)) == 100 + 864 + 80
-  # MACs per token: router D*n + k * (2*D*H + D).
+  # Layer 1 has one expert, so no router: 4*8 + 8 + 8*4 + 4 = 76.
+  assert int(space.params(arch)) == 100 + 864 + 76
+  # MACs per token: router D*n + k * (2*D*H + D); a one-expert layer only 2*D*H.
   # Layer 0: 10 * (8*3 + 2 * (2*8*16 + 8)) = 10 * 552 = 5520.
-  # Layer 1: 3 * (4*1 + 1 * (2*4*8 + 4)) = 3 * 72 = 216.
-  assert int(space.macs(arch)) == 1000 + 5520 + 216
+  # Layer 1: 3 * (2*4*8) = 192.
+  assert int(space.macs(arch)) == 1000 + 5520 + 192
   population = search_space.stack([arch, space.dense()])
   np.testing.assert_array_equal(space.macs(population),
-                                [6736, 1000 + 10 * (8 + 264) + 216])
+                                [6712, 1000 + 10 * (2 * 8 * 16) + 192])

@@ -39,6 +39,6 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State, images: j
           arch: Any = None, *, train: bool = False,
           key: jax.Array | None = None) -> tuple[jax.Array, nnx.State, dict[str, Any]]:
   """Pure call: (logits, new state, aux). The state changes only in training (batch norm)."""
-  model = nnx.merge(graphdef, params, state)
+  model = nnx.merge(graphdef, params, state, copy=True)
   logits, aux = model(images, arch, train=train, key=key)
   return logits, nnx.state(model, nnx.Not(nnx.Param)), aux

@@ -16,6 +16,7 @@ A stage whose map is not divisible by `patch_size` uses 1x1 patches (attention o
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +56,9 @@ class TransformerLayer(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, *, max_experts: int, max_top_k: int,
                moe_settings: dict[str, Any], rngs: nnx.Rngs):
-    self.attention_norm = nnx.GroupNorm(dim, num_groups=1, rngs=rngs)
+    self.attention_norm = nnx.GroupNorm(dim, num_groups=1, epsilon=1e-5, rngs=rngs)
     self.attention = LinearSelfAttention(dim, rngs=rngs)
-    self.ffn_norm = nnx.GroupNorm(dim, num_groups=1, rngs=rngs)
+    self.ffn_norm = nnx.GroupNorm(dim, num_groups=1, epsilon=1e-5, rngs=rngs)
     self.ffn = moe.MoEFeedForward(dim, hidden, max_experts=max_experts, max_top_k=max_top_k,
                                   rngs=rngs, **moe_settings)
 
@@ -82,7 +83,7 @@ class MobileViTBlock(nnx.Module):
     self.transformer = nnx.List([
         TransformerLayer(dim, hidden, max_experts=max_experts[i], max_top_k=max_top_k[i],
                          moe_settings=moe_settings, rngs=rngs) for i in range(depth)])
-    self.norm = nnx.GroupNorm(dim, num_groups=1, rngs=rngs)
+    self.norm = nnx.GroupNorm(dim, num_groups=1, epsilon=1e-5, rngs=rngs)
     self.project = layers.ConvBN(dim, channels, 1, activation=None, rngs=rngs)
     self.patch, self.dim, self.hidden, self.channels = patch, dim, hidden, channels
 
@@ -111,7 +112,7 @@ class MobileViTBlock(nnx.Module):
 
 
 def _per_layer(value: int | Sequence[int], count: int, name: str) -> tuple[int, ...]:
-  values = (value,) * count if isinstance(value, int) else tuple(value)
+  values = (int(value),) * count if isinstance(value, numbers.Integral) else tuple(value)
   if len(values) != count:
     raise ValueError(f"{name} has {len(values)} entries but the model has {count} MoE layers "
                      f"(sum of depths); give one int or {count} values")
@@ -190,6 +191,11 @@ class MobileViTV2(nnx.Module):
     layers.check_images(NAME, images, self.input_shape)
     if arch is None:
       arch = Arch(jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32))
+    layers_count = len(self.max_experts)
+    if not jnp.shape(arch.num_experts) == jnp.shape(arch.top_k) == (layers_count,):
+      raise ValueError(f"{NAME} takes one candidate, Arch with [{layers_count}] arrays; got "
+                       f"shapes {jnp.shape(arch.num_experts)} and {jnp.shape(arch.top_k)}. "
+                       f"For a population [P, {layers_count}] use jax.vmap over the arch.")
     x = self.stem(images, train)
     x = self.stage1(x, train)
     for block in self.stage2:
