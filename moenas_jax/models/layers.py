@@ -7,8 +7,10 @@ of a given spatial size, so the search space can price architectures without tra
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from moenas_jax.moe import ACTIVATIONS
@@ -92,3 +94,23 @@ def check_no_arch(model_name: str, arch: object) -> None:
   if arch is not None:
     raise ValueError(f"{model_name} is a dense model with no MoE layers; call it without an "
                      f"arch (got {arch!r})")
+
+
+class DenseClassifier(nnx.Module):
+  """Base of the dense baselines: `stem` → `blocks` → global average pool → linear `head`.
+
+  Subclasses set NAME, input_shape, stem, blocks (layers called as `block(x, train)`) and head.
+  """
+
+  NAME = "dense"
+
+  def __call__(self, images: jax.Array, arch: Any = None, *, train: bool = False,
+               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Logits [B, num_classes]; no MoE layers, so `arch` must be None and aux_loss is 0."""
+    del key
+    check_no_arch(self.NAME, arch)
+    check_images(self.NAME, images, self.input_shape)
+    x = self.stem(images, train)
+    for block in self.blocks:
+      x = block(x, train)
+    return self.head(x.mean(axis=(1, 2))), {"aux_loss": jnp.zeros(())}

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moenas_jax.models import layers
@@ -22,7 +19,9 @@ _STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3
            (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class MobileNetV2(nnx.Module):
+class MobileNetV2(layers.DenseClassifier):
+
+  NAME = NAME
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
                channels: int = 3, width_multiplier: float = 1.0, stem_stride: int = 1,
@@ -48,17 +47,5 @@ class MobileNetV2(nnx.Module):
             activation="relu6", rngs=rngs))
         width = out
     last = layers.make_divisible(1280 * max(1.0, width_multiplier))
-    self.last = layers.ConvBN(width, last, 1, activation="relu6", rngs=rngs)
+    self.blocks.append(layers.ConvBN(width, last, 1, activation="relu6", rngs=rngs))
     self.head = nnx.Linear(last, num_classes, rngs=rngs)
-
-  def __call__(self, images: jax.Array, arch: Any = None, *, train: bool = False,
-               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
-    """Logits [B, num_classes]; no MoE layers, so `arch` must be None and aux_loss is 0."""
-    del key
-    layers.check_no_arch(NAME, arch)
-    layers.check_images(NAME, images, self.input_shape)
-    x = self.stem(images, train)
-    for block in self.blocks:
-      x = block(x, train)
-    x = self.last(x, train)
-    return self.head(x.mean(axis=(1, 2))), {"aux_loss": jnp.zeros(())}

@@ -7,10 +7,8 @@ Depth 6n + 2: a 3x3 stem, three stages of n basic blocks at 16, 32, 64 channels 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moenas_jax.models import layers
@@ -34,7 +32,9 @@ class BasicBlock(nnx.Module):
     return jax.nn.relu(y + skip)
 
 
-class ResNet(nnx.Module):
+class ResNet(layers.DenseClassifier):
+
+  NAME = NAME
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
                channels: int = 3, depth: int = 20, width_multiplier: float = 1.0,
@@ -60,14 +60,3 @@ class ResNet(nnx.Module):
         self.blocks.append(BasicBlock(width, out, stride, rngs=rngs))
         width = out
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
-
-  def __call__(self, images: jax.Array, arch: Any = None, *, train: bool = False,
-               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
-    """Logits [B, num_classes]; no MoE layers, so `arch` must be None and aux_loss is 0."""
-    del key
-    layers.check_no_arch(NAME, arch)
-    layers.check_images(NAME, images, self.input_shape)
-    x = self.stem(images, train)
-    for block in self.blocks:
-      x = block(x, train)
-    return self.head(x.mean(axis=(1, 2))), {"aux_loss": jnp.zeros(())}
