@@ -57,3 +57,53 @@ def test_reading_never_imports_tensorflow(tmp_path):
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'cifar'; known datasets: fashion_tones"):
     data.open_dataset("cifar", tmp_path)
+
+
+def _write_npz(folder, **arrays):
+  folder.mkdir(parents=True, exist_ok=True)
+  np.savez(folder / "data.npz", **arrays)
+  return folder
+
+
+def test_own_npz_with_given_splits_and_names(tmp_path):
+  images = np.arange(12 * 4 * 4, dtype=np.uint8).reshape(12, 4, 4)  # grayscale [N, H, W]
+  folder = _write_npz(tmp_path / "mine", images=images, labels=np.arange(12) % 3,
+                      groups=np.arange(12) % 2, class_names=np.array(["a", "b", "c"]),
+                      split=np.array(["train"] * 8 + ["validation"] * 2 + ["test"] * 2))
+  dataset = data.open_dataset("npz", tmp_path / "tfds", manual_dir=folder)
+  assert dataset.class_names == ("a", "b", "c") and dataset.group_names == ("0", "1")
+  assert dataset.image_shape == (4, 4, 1)
+  assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 8, "validation": 2,
+                                                           "test": 2}
+  test = pipeline.read_split(dataset.splits["test"], 3, 2)
+  np.testing.assert_array_equal(np.sort(test["image"][:, 0, 0, 0]), images[10:, 0, 0])
+
+
+def test_own_npz_without_splits_is_split_by_label_and_group(tmp_path):
+  folder = _write_npz(tmp_path / "mine", images=np.zeros((40, 2, 2, 3), np.uint8),
+                      labels=np.arange(40) % 2, groups=(np.arange(40) // 2) % 2)
+  dataset = data.open_dataset("npz", tmp_path / "tfds", manual_dir=folder, seed=3)
+  assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 32, "validation": 4,
+                                                           "test": 4}
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int)),
+     "has no 'groups' array"),
+    (dict(images=np.zeros((4, 2, 2, 3), np.float32), labels=np.zeros(4, int),
+          groups=np.zeros(4, int)), "images must be uint8"),
+    (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int),
+          groups=np.zeros(4, int), split=np.array(["train", "dev", "test", "test"])),
+     r"split names \['dev'\] are not in"),
+])
+def test_own_npz_errors_name_the_fix(tmp_path, arrays, message):
+  folder = _write_npz(tmp_path / "mine", **arrays)
+  with pytest.raises(ValueError, match=message):
+    data.open_dataset("npz", tmp_path / "tfds", manual_dir=folder)
+
+
+def test_own_npz_needs_its_folder_and_file(tmp_path):
+  with pytest.raises(ValueError, match="reads your files: set manual_dir"):
+    data.open_dataset("npz", tmp_path)
+  with pytest.raises(ValueError, match="no data.npz in manual_dir"):
+    data.open_dataset("npz", tmp_path, manual_dir=tmp_path)

@@ -12,11 +12,14 @@ import os
 
 import tensorflow_datasets as tfds
 
-from moenas_jax.data import fashion_tones
+from moenas_jax.data import fashion_tones, own_npz
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "fashion_tones": fashion_tones.FashionTones,
+    "npz": own_npz.OwnNpz,
 }
+# Datasets read from the user's files: name → (config from manual_dir and options).
+_MANUAL_CONFIGS = {"npz": own_npz.config_for}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +33,24 @@ class Dataset:
   image_shape: tuple[int, int, int]
 
 
-def open_dataset(name: str, data_dir: str) -> Dataset:
-  """Prepares the dataset under `data_dir` once (array_record), then opens its splits."""
+def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
+                 **options) -> Dataset:
+  """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
+
+  Datasets made from your files (`npz`) read them from `manual_dir`; `options` go to their
+  config (e.g. `filename`, `seed`, `fractions`).
+  """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-  builder = DATASETS[name](data_dir=os.fspath(data_dir), file_format="array_record")
+  config = None
+  if name in _MANUAL_CONFIGS:
+    if not manual_dir:
+      raise ValueError(f"dataset {name!r} reads your files: set manual_dir to their folder")
+    config = _MANUAL_CONFIGS[name](os.fspath(manual_dir), **options)
+  elif options:
+    raise ValueError(f"dataset {name!r} takes no options, got {sorted(options)}")
+  builder = DATASETS[name](data_dir=os.fspath(data_dir), config=config,
+                           file_format="array_record")
   builder.download_and_prepare()
   features = builder.info.features
   return Dataset(name=name, splits=dict(builder.as_data_source()),
