@@ -12,14 +12,15 @@ import os
 
 import tensorflow_datasets as tfds
 
-from moenas_jax.data import fashion_tones, own_npz
+from moenas_jax.data import fashion_tones, own_npz, utkface
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "fashion_tones": fashion_tones.FashionTones,
     "npz": own_npz.OwnNpz,
+    "utkface": utkface.UTKFace,
 }
 # Datasets read from the user's files: name → (config from manual_dir and options).
-_MANUAL_CONFIGS = {"npz": own_npz.config_for}
+_MANUAL_CONFIGS = {"npz": own_npz.config_for, "utkface": utkface.config_for}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,8 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
                  **options) -> Dataset:
   """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
 
-  Datasets made from your files (`npz`) read them from `manual_dir`; `options` go to their
-  config (e.g. `filename`, `seed`, `fractions`).
+  Datasets made from files you have (`npz`, `utkface`) read them from `manual_dir`;
+  `options` go to their config (e.g. `filename`, `task`, `sensitive`, `image_size`, `seed`).
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
@@ -51,7 +52,8 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
     raise ValueError(f"dataset {name!r} takes no options, got {sorted(options)}")
   builder = DATASETS[name](data_dir=os.fspath(data_dir), config=config,
                            file_format="array_record")
-  builder.download_and_prepare()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir) if manual_dir else None))
   features = builder.info.features
   return Dataset(name=name, splits=dict(builder.as_data_source()),
                  class_names=tuple(features["label"].names),
