@@ -1,5 +1,6 @@
 """Tests of the dataset table and the TF-free read path."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from moenas_jax import data
 from moenas_jax.data import fashion_tones, pipeline
@@ -55,7 +57,8 @@ def test_reading_never_imports_tensorflow(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-  with pytest.raises(ValueError, match="unknown dataset 'cifar'; known datasets: fashion_tones"):
+  with pytest.raises(ValueError, match="unknown dataset 'cifar'; known datasets: csv, "
+                                       "fashion_tones, npz, utkface"):
     data.open_dataset("cifar", tmp_path)
 
 
@@ -94,7 +97,7 @@ def test_own_npz_without_splits_is_split_by_label_and_group(tmp_path):
           groups=np.zeros(4, int)), "images must be uint8"),
     (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int),
           groups=np.zeros(4, int), split=np.array(["train", "dev", "test", "test"])),
-     r"split names \['dev'\] are not in"),
+     r"split values \[.dev.\] are not 0/1/2"),
 ])
 def test_own_npz_errors_name_the_fix(tmp_path, arrays, message):
   folder = _write_npz(tmp_path / "mine", **arrays)
@@ -107,3 +110,36 @@ def test_own_npz_needs_its_folder_and_file(tmp_path):
     data.open_dataset("npz", tmp_path)
   with pytest.raises(ValueError, match="no data.npz in manual_dir"):
     data.open_dataset("npz", tmp_path, manual_dir=tmp_path)
+
+
+def _write_csv(folder, rows, header="image,label,group,split"):
+  (folder / "pics").mkdir(parents=True)
+  for name, value, fmt in {(r[0], r[4], r[5]) for r in rows if r[4] is not None}:
+    Image.fromarray(np.full((6, 9, 3), value, np.uint8)).save(folder / "pics" / name, format=fmt)
+  lines = [header] + [",".join(f"pics/{r[0]}" if i == 0 else str(r[i]) for i in range(4))
+                      for r in rows]
+  (folder / "data.csv").write_text("\n".join(lines) + "\n")
+  return folder
+
+
+def test_own_csv_reads_images_of_any_format_and_names(tmp_path, caplog):
+  rows = [(f"{i}.{'png' if i % 2 else 'jpg'}", ["cat", "dog"][i % 2], i % 3,
+           "train" if i < 6 else "test", 30 * i, "PNG" if i % 2 else "JPEG") for i in range(8)]
+  rows.append(("missing.png", "cat", 0, "test", None, None))
+  folder = _write_csv(tmp_path / "mine", rows)
+  with caplog.at_level(logging.WARNING):
+    dataset = data.open_dataset("csv", tmp_path / "tfds", manual_dir=folder, image_size=4)
+  assert dataset.class_names == ("cat", "dog") and dataset.group_names == ("0", "1", "2")
+  assert dataset.image_shape == (4, 4, 3)
+  assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 6, "test": 2}
+  assert "skipped 1 missing or unreadable images" in caplog.text
+  train = pipeline.read_split(dataset.splits["train"], 2, 3)
+  np.testing.assert_array_equal(np.sort(train["image"][:, 0, 0, 0])[1::2], [30, 90, 150])  # PNGs exact
+
+
+def test_own_csv_needs_its_columns(tmp_path):
+  folder = _write_csv(tmp_path / "mine", [("a.png", 0, 0, 0, 9, "PNG")],
+                      header="image,class,group,split")
+  with pytest.raises(ValueError, match=r"the header needs the columns \['image', 'label', "
+                                       r"'group'\]"):
+    data.open_dataset("csv", tmp_path / "tfds", manual_dir=folder)

@@ -12,15 +12,17 @@ import os
 
 import tensorflow_datasets as tfds
 
-from moenas_jax.data import fashion_tones, own_npz, utkface
+from moenas_jax.data import fashion_tones, own_csv, own_npz, utkface
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "fashion_tones": fashion_tones.FashionTones,
     "npz": own_npz.OwnNpz,
+    "csv": own_csv.OwnCsv,
     "utkface": utkface.UTKFace,
 }
 # Datasets read from the user's files: name → (config from manual_dir and options).
-_MANUAL_CONFIGS = {"npz": own_npz.config_for, "utkface": utkface.config_for}
+_MANUAL_CONFIGS = {"npz": own_npz.config_for, "csv": own_csv.config_for,
+                   "utkface": utkface.config_for}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,7 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
                  **options) -> Dataset:
   """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
 
-  Datasets made from files you have (`npz`, `utkface`) read them from `manual_dir`;
+  Datasets made from files you have (`npz`, `csv`, `utkface`) read them from `manual_dir`;
   `options` go to their config (e.g. `filename`, `task`, `sensitive`, `image_size`, `seed`).
   """
   if name not in DATASETS:

@@ -89,16 +89,8 @@ class OwnNpz(tfds.core.GeneratorBasedBuilder):
     if arrays["images"].dtype != np.uint8:
       raise ValueError(f"{config.path}: images must be uint8 (0..255), got "
                        f"{arrays['images'].dtype}")
-    split = arrays.get("split")
-    if split is None:
-      split = splits.stratified_split(arrays["labels"] * 1000 + arrays["groups"],
-                                      config.fractions, config.seed)
-    elif split.dtype.kind in "US":
-      unknown = sorted(set(split.tolist()) - set(splits.SPLIT_NAMES))
-      if unknown:
-        raise ValueError(f"{config.path}: split names {unknown} are not in "
-                         f"{list(splits.SPLIT_NAMES)}")
-      split = np.array([splits.SPLIT_NAMES.index(s) for s in split.tolist()])
+    split = splits.resolve(arrays.get("split"), arrays["labels"], arrays["groups"],
+                           config.fractions, config.seed, config.path)
     images = arrays["images"] if arrays["images"].ndim == 4 else arrays["images"][..., None]
     return {name: self._generate_examples(images, arrays["labels"], arrays["groups"],
                                           np.flatnonzero(split == i))

@@ -35,3 +35,16 @@ def stratified_split(strata: np.ndarray, fractions: Sequence[float], seed: int) 
     split[members] = np.repeat(np.arange(3, dtype=np.int32), take)
     assigned += take
   return split
+
+
+def resolve(given: Sequence | np.ndarray | None, labels: np.ndarray, groups: np.ndarray,
+            fractions: Sequence[float], seed: int, source: str) -> np.ndarray:
+  """Split ids from a user's split column (0/1/2 or names), else stratified by (label, group)."""
+  if given is None:
+    return stratified_split(labels * 100_000 + groups, fractions, seed)
+  values = [str(v).strip() for v in np.asarray(given).tolist()]
+  lookup = {**{str(i): i for i in range(3)}, **{name: i for i, name in enumerate(SPLIT_NAMES)}}
+  bad = sorted(set(values) - set(lookup))
+  if bad:
+    raise ValueError(f"{source}: split values {bad} are not 0/1/2 or {list(SPLIT_NAMES)}")
+  return np.array([lookup[v] for v in values], np.int32)

@@ -14,7 +14,6 @@ shipped.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -22,9 +21,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
 
-from moenas_jax.data import splits
+from moenas_jax.data import images, splits
 
 ARCHIVE = "UTKFace.tar.gz"
 FOLDER = "UTKFace"
@@ -137,10 +135,8 @@ class UTKFace(tfds.core.GeneratorBasedBuilder):
       index, split = assignment.get(name, (None, None))
       if split != split_id:
         continue
-      try:
-        with Image.open(io.BytesIO(payload)) as image:
-          pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
-      except (OSError, ValueError):
+      pixels = images.decode(payload, size)
+      if pixels is None:
         unreadable += 1
         continue
       yield name, {"image": pixels, "label": int(labels[index]), "group": int(groups[index])}
