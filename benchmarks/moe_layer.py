@@ -3,12 +3,13 @@
 Run: python -m benchmarks.moe_layer   (prints one JSON object)
 
 The MoE layer (E=8, top-1, capacity factor 1.25, training mode) and a dense FFN with the same
-D and H process the same 4096 tokens (64 images x 64 positions, routed per image). A
-one-group variant routes all 4096 tokens together, and `all_experts_ms` runs every expert on
-every token, the cost that sparse dispatch avoids; `three_experts_ratio` runs the same layer
-as a candidate with 3 active experts (same static work); `blocks_per_expert_2_ratio` prices the finer
-slot layout (twice the blocks, closer to Switch capacity for expert counts that do not divide 8). Timings interleave the contenders and take
-the median, so machine noise hits them alike.
+D and H process the same 4096 tokens (64 images x 64 positions, routed per image). A one-group
+variant routes all 4096 tokens together; `three_experts_ratio` runs the same layer as a
+candidate with 3 active experts (same static work); `blocks_per_expert_2_ratio` prices the
+finer slot layout (twice the blocks, closer to Switch capacity for expert counts that do not
+divide 8); `all_experts_ms` runs every expert on every token, the cost that sparse dispatch
+avoids. Timings interleave the contenders and take the median, so machine noise hits them
+alike.
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_own_csv_reads_images_of_any_format_and_names(tmp_path, caplog):
   assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 6, "test": 2}
   assert "skipped 1 missing or unreadable images" in caplog.text
   train = pipeline.read_split(dataset.splits["train"], 2, 3)
-  np.testing.assert_array_equal(np.sort(train["image"][:, 0, 0, 0])[1::2], [30, 90, 150])  # PNGs exact
+  # Sorted pixel values: JPEGs near 0, 60, 120 between the exact PNGs 30, 90, 150.
+  np.testing.assert_array_equal(np.sort(train["image"][:, 0, 0, 0])[1::2], [30, 90, 150])
 
 
 def test_own_csv_needs_its_columns(tmp_path):

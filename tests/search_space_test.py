@@ -112,7 +112,8 @@ def test_validate_checks_per_layer_maxima():
   space = SearchSpace(max_experts=(4, 2), max_top_k=(2, 1),
                       layers=(MoELayerShape(8, 16, 10), MoELayerShape(4, 8, 3)),
                       base_params=0, base_macs=0)
-  with pytest.raises(ValueError, match=r"num_experts\[1\] = 3 exceeds the maximum 2 of MoE layer 1"):
+  with pytest.raises(ValueError,
+                     match=r"num_experts\[1\] = 3 exceeds the maximum 2 of MoE layer 1"):
     space.validate(Arch(np.array([1, 3]), np.array([1, 1])))
 
 
