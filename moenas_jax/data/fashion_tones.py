@@ -27,12 +27,13 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from moenas_jax.data.splits import SPLIT_NAMES
+
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                "sneaker", "bag", "ankle boot")
 GROUP_NAMES = ("light", "dark")
 TONES = np.array([[0.96, 0.80, 0.69], [0.35, 0.22, 0.14]], np.float32)  # RGB per group
 BACKGROUNDS = np.array([[0.0, 0.0, 0.0], [0.85, 0.85, 0.85]], np.float32)
-SPLIT_NAMES = ("train", "validation", "test")
 PER_CLASS = {"train": 500, "validation": 100, "test": 200}
 TRAIN_SKEW = 0.95
 # Majority tone of each class in the training split.

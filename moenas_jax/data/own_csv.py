@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from moenas_jax.data import images, splits
+from moenas_jax.data import images, manual, splits
 
 COLUMNS = ("image", "label", "group")
 
@@ -58,18 +57,13 @@ def _ids(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
 def config_for(manual_dir: str, filename: str = "data.csv", image_size: int = 64,
                channels: int = 3, seed: int = 0,
                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> CsvConfig:
-  """A config named after the CSV's path, size and time, so changed data is prepared anew."""
-  path = os.path.abspath(os.path.join(manual_dir, filename))
-  if not os.path.isfile(path):
-    raise ValueError(f"no {filename} in manual_dir {manual_dir!r}: put the CSV of "
-                     f"image,label,group rows there, or set the file name in the data config")
+  """A config named after the CSV's content and the image and split settings."""
+  path = manual.locate(manual_dir, filename, "CSV of image,label,group rows")
   if channels not in (1, 3) or image_size < 1:
     raise ValueError(f"channels must be 1 or 3 and image_size positive, got {channels}, "
                      f"{image_size}")
-  stat = os.stat(path)
-  key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{image_size}|{channels}|{seed}|{fractions}"
-  return CsvConfig(name=f"csv_{hashlib.sha1(key.encode()).hexdigest()[:12]}", path=path,
-                   image_size=image_size, channels=channels, seed=seed,
+  return CsvConfig(name=manual.content_name("csv", path, image_size, channels, seed, fractions),
+                   path=path, image_size=image_size, channels=channels, seed=seed,
                    fractions=tuple(fractions))
 
 

@@ -9,14 +9,12 @@ from the seed), `class_names` and `group_names`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moenas_jax.data import splits
+from moenas_jax.data import manual, splits
 
 
 @dataclasses.dataclass
@@ -30,14 +28,9 @@ class NpzConfig(tfds.core.BuilderConfig):
 
 def config_for(manual_dir: str, filename: str = "data.npz", seed: int = 0,
                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> NpzConfig:
-  """A config named after the file's path, size and time, so changed data is prepared anew."""
-  path = os.path.abspath(os.path.join(manual_dir, filename))
-  if not os.path.isfile(path):
-    raise ValueError(f"no {filename} in manual_dir {manual_dir!r}: put the .npz with images, "
-                     f"labels and groups there, or set the file name in the data config")
-  stat = os.stat(path)
-  digest = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{seed}|{fractions}".encode())
-  return NpzConfig(name=f"npz_{digest.hexdigest()[:12]}", path=path, seed=seed,
+  """A config named after the file's content and the split settings."""
+  path = manual.locate(manual_dir, filename, ".npz with images, labels and groups")
+  return NpzConfig(name=manual.content_name("npz", path, seed, fractions), path=path, seed=seed,
                    fractions=tuple(fractions))
 
 
