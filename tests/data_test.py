@@ -57,8 +57,8 @@ def test_reading_never_imports_tensorflow(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-  with pytest.raises(ValueError, match="unknown dataset 'cifar'; known datasets: csv, "
-                                       "fashion_tones, npz, utkface"):
+  with pytest.raises(ValueError, match="unknown dataset 'cifar'; known datasets: celeb_a, "
+                     "cifar10_corrupted, cifar10s, csv, facet, fashion_tones, npz, utkface"):
     data.open_dataset("cifar", tmp_path)
 
 

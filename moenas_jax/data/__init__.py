@@ -2,7 +2,8 @@
 
 Every dataset is a TFDS builder prepared as `array_record` files and read through
 `tfds.data_source` (random access, no TensorFlow). Examples are
-`{"image": uint8 [H, W, C], "label": int, "group": int}`.
+`{"image": uint8 [H, W, C], "label": int, "group": int}` (FACET adds `lighting` and
+`person_id`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import os
 
 import tensorflow_datasets as tfds
 
-from moenas_jax.data import fashion_tones, own_csv, own_npz, utkface
+from moenas_jax.data import catalog, facet, fashion_tones, own_csv, own_npz, utkface
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "celeb_a": catalog.CelebAGroups,
+    "cifar10_corrupted": catalog.Cifar10CorruptedGroups,
+    "cifar10s": catalog.Cifar10S,
+    "facet": facet.Facet,
     "fashion_tones": fashion_tones.FashionTones,
     "npz": own_npz.OwnNpz,
     "csv": own_csv.OwnCsv,
@@ -22,7 +27,12 @@ DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 }
 # Datasets read from the user's files: name → (config from manual_dir and options).
 _MANUAL_CONFIGS = {"npz": own_npz.config_for, "csv": own_csv.config_for,
-                   "utkface": utkface.config_for}
+                   "utkface": utkface.config_for, "facet": facet.config_for}
+# Datasets made from the TFDS catalog (prepared once with TensorFlow, the [tf] extra):
+# name → (config from options).
+_CATALOG_CONFIGS = {"cifar10s": catalog.cifar10s_config,
+                    "cifar10_corrupted": catalog.cifar10_corrupted_config,
+                    "celeb_a": catalog.celeb_a_config}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +50,10 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
                  **options) -> Dataset:
   """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
 
-  Datasets made from files you have (`npz`, `csv`, `utkface`) read them from `manual_dir`;
-  `options` go to their config (e.g. `filename`, `task`, `sensitive`, `image_size`, `seed`).
+  Datasets made from files you have (`npz`, `csv`, `utkface`, `facet`) read them from
+  `manual_dir`; those from the TFDS catalog (`cifar10s`, `cifar10_corrupted`, `celeb_a`) need
+  TensorFlow to prepare. `options` go to their config (e.g. `filename`, `task`, `sensitive`,
+  `image_size`, `seed`).
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
@@ -50,6 +62,8 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
     if not manual_dir:
       raise ValueError(f"dataset {name!r} reads your files: set manual_dir to their folder")
     config = _MANUAL_CONFIGS[name](os.fspath(manual_dir), **options)
+  elif name in _CATALOG_CONFIGS:
+    config = _CATALOG_CONFIGS[name](**options)
   elif options:
     raise ValueError(f"dataset {name!r} takes no options, got {sorted(options)}")
   builder = DATASETS[name](data_dir=os.fspath(data_dir), config=config,

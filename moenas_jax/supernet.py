@@ -1,0 +1,131 @@
+"""Supernet training: every step trains K sampled architectures at once, vmapped over arch.
+
+Sandwich rule (Yu & Huang, BigNAS / slimmable networks): each step's K candidates are the
+largest, the smallest (dense) and K − 2 random ones, so the extremes of the space are always
+trained. Loss = mean over the K candidates of (cross-entropy + the routing aux losses). The
+gradient is taken once for the shared weights; the batch-norm statistics each candidate
+computes are averaged over the K candidates. Optimiser: AdamW with linear warmup and cosine
+decay, gradients clipped to global norm 1. One compiled step for the whole run; with a mesh
+the batch is split over all its devices (data parallel, weights replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from moenas_jax import models
+from moenas_jax.search_space import Arch, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """AdamW with linear warmup from 0 and cosine decay to `final_fraction` of the peak."""
+
+  learning_rate: float = 2e-3
+  weight_decay: float = 0.05
+  warmup_steps: int = 50
+  total_steps: int = 500
+  final_fraction: float = 0.01
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps; got "
+                       f"total_steps={self.total_steps}, warmup_steps={self.warmup_steps}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, settings.learning_rate, settings.warmup_steps, settings.total_steps,
+      end_value=settings.learning_rate * settings.final_fraction)
+  return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
+                     optax.adamw(schedule, weight_decay=settings.weight_decay))
+
+
+def sandwich(space: SearchSpace, key: jax.Array, num_archs: int) -> Arch:
+  """[K, L] candidates: the largest, the dense (smallest) and K − 2 random ones."""
+  extremes = [space.largest(), space.dense()][:num_archs]
+  fixed = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x, jnp.int32) for x in v]), *extremes)
+  if num_archs <= 2:
+    return fixed
+  random = space.sample_population(key, num_archs - 2)
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(jnp.int32)]), fixed, random)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+class SupernetTrainer:
+  """The jitted supernet step, `step(params, state, opt_state, batch, key)`."""
+
+  def __init__(self, graphdef: nnx.GraphDef, space: SearchSpace, *, archs_per_step: int,
+               optimizer: OptimizerSettings, mesh: Mesh | None = None):
+    if archs_per_step < 2:
+      raise ValueError(f"archs_per_step={archs_per_step}: the sandwich rule needs at least 2 "
+                       f"(the largest and the smallest candidate)")
+    self.optimizer = make_optimizer(optimizer)
+    self.mesh = mesh
+
+    def supernet_step(params, state, opt_state, batch, key):
+      arch_key, noise_key = jax.random.split(key)
+      archs = sandwich(space, arch_key, archs_per_step)
+      noise_keys = jax.random.split(noise_key, archs_per_step)
+
+      def loss_fn(params):
+        def candidate(arch, noise):
+          logits, new_state, aux = models.apply(graphdef, params, state, batch["image"], arch,
+                                                train=True, key=noise)
+          ce = cross_entropy(logits, batch["label"]).mean()
+          correct = (logits.argmax(-1) == batch["label"]).mean()
+          return ce + aux["aux_loss"], (ce, aux["aux_loss"], correct, new_state)
+
+        losses, (ce, aux, correct, new_states) = jax.vmap(candidate)(archs, noise_keys)
+        new_state = jax.tree.map(lambda v: v.mean(axis=0), new_states)
+        return losses.mean(), (ce, aux, correct, new_state)
+
+      (loss, (ce, aux, correct, new_state)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      # Candidates 0 and 1 are the largest and the smallest (see `sandwich`).
+      logs = {"loss": loss, "cross_entropy": ce.mean(), "aux_loss": aux.mean(),
+              "accuracy_largest": correct[0], "accuracy_smallest": correct[1],
+              "grad_norm": optax.global_norm(grads)}
+      return params, new_state, opt_state, logs
+
+    self._step = jax.jit(supernet_step, donate_argnums=(0, 1, 2))
+
+  def init(self, params: Any) -> Any:
+    return self.optimizer.init(params)
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The batch split over every device of the mesh (unchanged without a mesh)."""
+    if self.mesh is None:
+      return batch
+    return jax.device_put(batch, NamedSharding(self.mesh, PS(self.mesh.axis_names)))
+
+  def step(self, params: Any, state: Any, opt_state: Any, batch: dict[str, np.ndarray],
+           key: jax.Array) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
+    """One update of the shared weights; returns (params, state, opt_state, logs)."""
+    return self._step(params, state, opt_state, self.shard_batch(batch), key)
+
+
+def check_finite(logs: dict[str, Any], step: int) -> None:
+  """Stops training with a message naming the step when the loss is not finite."""
+  loss = float(logs["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"supernet loss is {loss} at step {step}; lower the learning rate or raise the warmup "
+        f"(the last good checkpoint is kept in the workdir)")

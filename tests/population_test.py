@@ -1,0 +1,122 @@
+"""Tests of the population evaluator: equals a per-candidate loop, compiles once, shards."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moenas_jax import models, population, search_space
+from moenas_jax.compilation import count_compilations
+from moenas_jax.data import lighting
+
+# A tiny supernet (8x8 RGB, 3 MoE layers of up to 3 experts, top-2) and random data.
+CONFIG = dict(num_classes=3, image_size=(8, 8), channels=3, width_multiplier=0.25,
+              depths=(1, 1, 1), strides=(1, 2, 1, 2, 1, 1), max_experts=3, max_top_k=2)
+NUM_GROUPS = 2
+
+
+def _examples(seed, size):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (size, 8, 8, 3), dtype=np.uint8),
+          "label": rng.integers(0, 3, size).astype(np.int32),
+          "group": rng.integers(0, NUM_GROUPS, size).astype(np.int32)}
+
+
+def _supernet():
+  model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **CONFIG)
+  return model, *models.split(model)
+
+
+def _loop_accuracy(graphdef, params, state, arch, examples, kind=None, severity=0):
+  """Accuracy and per-group accuracy of one candidate, with NumPy, one image batch at a time."""
+  images = examples["image"].astype(np.float32) / 255
+  if kind is not None:
+    images = lighting.perturb(images, kind, severity)
+  logits = jax.jit(lambda a, x: models.apply(graphdef, params, state, x, a)[0])(arch, images)
+  correct = np.asarray(logits).argmax(-1) == examples["label"]
+  groups = examples["group"]
+  return correct.mean(), np.array([correct[groups == g].mean() for g in range(NUM_GROUPS)])
+
+
+def test_population_metrics_equal_a_per_candidate_loop_and_compile_once():
+  model, graphdef, params, state = _supernet()
+  space = model.search_space()
+  evaluation, held = _examples(0, 21), _examples(1, 10)  # 21: the last batch of 8 is padded
+  lighting_set = (("gamma", 3), ("contrast", 5))
+  evaluator = population.PopulationEvaluator(
+      graphdef, num_classes=3, num_groups=NUM_GROUPS, batch_size=8, lighting_set=lighting_set)
+  first = space.sample_population(jax.random.key(1), 4)
+  second = space.sample_population(jax.random.key(2), 4)
+  with count_compilations() as seen:
+    results = evaluator.evaluate(params, state, first, evaluation, held)
+    evaluator.evaluate(params, state, second, evaluation, held)
+  assert seen.of("population_counts") == 1
+  assert results["accuracy"].shape == (4,)
+  assert results["group_accuracy"].shape == (4, NUM_GROUPS)
+  for p, arch in enumerate(search_space.unstack(first)):
+    accuracy, groups = _loop_accuracy(graphdef, params, state, arch, evaluation)
+    np.testing.assert_allclose(results["accuracy"][p], accuracy, atol=1e-6)
+    np.testing.assert_allclose(results["group_accuracy"][p], groups, atol=1e-6)
+    np.testing.assert_allclose(results["disparity"][p], groups.max() - groups.min(), atol=1e-6)
+    robust = np.mean([_loop_accuracy(graphdef, params, state, arch, evaluation, kind, s)[0]
+                      for kind, s in lighting_set])
+    np.testing.assert_allclose(results["robustness"][p], robust, atol=1e-6)
+    train_accuracy, _ = _loop_accuracy(graphdef, params, state, arch, held)
+    np.testing.assert_allclose(results["generalization_gap"][p], train_accuracy - accuracy,
+                               atol=1e-6)
+
+
+def test_padding_candidates_repeats_the_last_one():
+  arch = search_space.Arch(np.arange(6).reshape(3, 2), np.ones((3, 2), np.int32))
+  padded = population.pad_candidates(arch, 4)
+  np.testing.assert_array_equal(padded.num_experts, [[0, 1], [2, 3], [4, 5], [4, 5]])
+  assert population.pad_candidates(arch, 3).num_experts.shape == (3, 2)
+
+
+def test_bad_settings_are_refused():
+  _, graphdef, _, _ = _supernet()
+  with pytest.raises(ValueError, match="unknown lighting kinds \\['fog'\\]"):
+    population.PopulationEvaluator(graphdef, num_classes=3, num_groups=2, batch_size=8,
+                                   lighting_set=(("fog", 1),))
+  with pytest.raises(ValueError, match="data_parallel=3 must divide the 2 devices"):
+    population.make_mesh(jax.devices() * 2, data_parallel=3)
+
+
+_SHARDED_SCRIPT = """
+import json, jax, numpy as np
+from flax import nnx
+from moenas_jax import models, population
+from tests.population_test import CONFIG, NUM_GROUPS, _examples
+assert jax.device_count() == 8, jax.devices()
+model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **CONFIG)
+graphdef, params, state = models.split(model)
+archs = model.search_space().sample_population(jax.random.key(3), 6)  # 6: padded to 8
+settings = dict(num_classes=3, num_groups=NUM_GROUPS, batch_size=8,
+                lighting_set=(("brightness", 2),))
+data = (_examples(0, 21), _examples(1, 10))
+mesh = population.make_mesh(data_parallel=2)  # 'pop' 4 x 'data' 2
+sharded = population.PopulationEvaluator(graphdef, mesh=mesh, **settings)
+single = population.PopulationEvaluator(graphdef, **settings)
+out = {name: [sharded.evaluate(params, state, archs, *data)[name].tolist(),
+              single.evaluate(params, state, archs, *data)[name].tolist()]
+       for name in ("accuracy", "group_accuracy", "robustness", "generalization_gap")}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_over_8_devices_equals_one_device():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(done.stdout.strip().splitlines()[-1])
+  for name, (sharded, single) in results.items():
+    assert np.shape(sharded)[0] == 6, name
+    np.testing.assert_allclose(sharded, single, atol=1e-6, err_msg=name)

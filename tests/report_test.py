@@ -1,0 +1,177 @@
+"""Tests of the result files: the candidate log, summary.json, report.md and the plots."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from moenas_jax import report
+from moenas_jax.report import CandidateLog
+
+GROUPS = ["light", "medium", "dark"]
+
+
+def _metrics(accuracy, disparity, params, **extra):
+  return {"accuracy": accuracy, "group_accuracy": [accuracy, accuracy - disparity / 2,
+                                                   accuracy - disparity],
+          "disparity": disparity, "worst_group_accuracy": accuracy - disparity,
+          "worst_cell_accuracy": accuracy - 2 * disparity, "robustness": accuracy - 0.1,
+          "generalization_gap": 0.02, "params": params, "macs": 10 * params, **extra}
+
+
+def _record(i):
+  """Candidate i: reward i / 100, accuracy 0.5 + i / 100, disparity 0.2 - i / 100."""
+  return {"arch": {"num_experts": [8, 4, 1 + i % 2], "top_k": [1, 2, 1]},
+          "metrics": _metrics(0.5 + i / 100, 0.2 - i / 100, 1000 * (i + 1)),
+          "reward": i / 100, "cycle": i // 4}
+
+
+def _summary(candidates):
+  return {
+      "best": candidates[11], "pareto": candidates[9:],
+      "final": {"before_pruning": _metrics(0.88, 0.05, 1_500_000),
+                "after_pruning": _metrics(0.873, 0.041, 1_230_000, bootstrap={
+                    "disparity": {"estimate": 0.041, "low": 0.020, "high": 0.063}})},
+      "baselines": [{"name": "mobilenet_v2",
+                     "metrics": {**_metrics(0.85, 0.098, 2_200_000), "robustness": None,
+                                 "params": float("nan")}}],
+      "timing": {"supernet": 12.34, "search": 125.0, "final": 4000.0},
+      "compilations": {"supernet_step": 1, "evaluate_population": 1},
+  }
+
+
+def test_candidate_log_appends_and_reads_back(tmp_path):
+  path = tmp_path / "results" / "candidates.jsonl"
+  with CandidateLog(path) as log:
+    log.append([_record(0), _record(1)])
+    log.append([{**_record(2), "reward": np.float32(0.5),
+                 "metrics": {**_record(2)["metrics"], "robustness": float("nan")}}])
+    assert len(log) == 3
+  records = report.read_candidates(path)
+  assert records[:2] == [_record(0), _record(1)]
+  assert records[2]["reward"] == 0.5 and records[2]["metrics"]["robustness"] is None
+  assert len(path.read_text().splitlines()) == 3
+
+
+def test_resume_cuts_the_log_back_to_the_restored_count(tmp_path):
+  path = tmp_path / "candidates.jsonl"
+  with CandidateLog(path) as log:
+    log.append([_record(i) for i in range(5)])
+  with CandidateLog(path, expected=3) as log:  # the checkpoint knew 3: 3 and 4 are redone
+    assert len(log) == 3
+    log.append([_record(7)])
+  assert [r["reward"] for r in report.read_candidates(path)] == [0.0, 0.01, 0.02, 0.07]
+  with pytest.raises(ValueError, match="holds 4 candidates but the restored search state knows 6"):
+    CandidateLog(path, expected=6)
+  with CandidateLog(path, expected=0) as log:
+    assert len(log) == 0
+  assert path.read_text() == ""
+
+
+def test_a_torn_last_line_is_dropped(tmp_path):
+  path = tmp_path / "candidates.jsonl"
+  with CandidateLog(path) as log:
+    log.append([_record(0), _record(1)])
+  line = json.dumps(_record(2)) + "\n"
+  with open(path, "a") as file:  # a kill -9 in the middle of an append
+    file.write(line[: len(line) // 2])
+  assert len(report.read_candidates(path)) == 2
+  with CandidateLog(path) as log:
+    assert len(log) == 2
+    log.append([_record(3)])
+  assert [r["reward"] for r in report.read_candidates(path)] == [0.0, 0.01, 0.03]
+  with open(path, "a") as file:  # cut just before the newline: complete JSON, still torn
+    file.write(line[:-1])
+  with CandidateLog(path, expected=3) as log:
+    assert len(log) == 3
+  assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 3
+
+
+def test_a_damaged_line_inside_the_log_is_an_error(tmp_path):
+  path = tmp_path / "candidates.jsonl"
+  lines = [json.dumps(_record(0)), "{not json", json.dumps(_record(1))]
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"candidates.jsonl, line 2: not a JSON record"):
+    report.read_candidates(path)
+
+
+def test_records_must_follow_the_schema(tmp_path):
+  record = _record(0)
+  del record["metrics"]["worst_cell_accuracy"]
+  with CandidateLog(tmp_path / "c.jsonl") as log, pytest.raises(
+      ValueError, match=r"lacks \['metrics.worst_cell_accuracy'\]"):
+    log.append([record])
+
+
+def test_write_report(tmp_path):
+  candidates = [_record(i) for i in range(12)]
+  summary = _summary(candidates)
+  paths = report.write_report(tmp_path / "results", summary, candidates, GROUPS)
+  assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(paths) == [
+      "group_accuracy.png", "pareto.png", "report.md", "search_progress.png", "summary.json"]
+
+  written = json.loads(paths["summary.json"].read_text())
+  assert written["final"]["after_pruning"]["bootstrap"]["disparity"]["high"] == 0.063
+  assert written["baselines"][0]["metrics"]["params"] is None  # NaN stored as null
+  assert written["pareto"] == candidates[9:]
+
+  text = paths["report.md"].read_text()
+  # accuracy 87.3, disparity 4.1 [2.0, 6.3], worst group 0.873 - 0.041, worst cell
+  # 0.873 - 0.082, robustness 0.873 - 0.1, gap 2.0 points, 1.23M params, 12.3M MACs.
+  assert ("| found, after pruning | 87.3 | 4.1 [2.0, 6.3] | 83.2 | 79.1 | 77.3 | 2.0 | 1.23M"
+          " | 12.3M |") in text
+  assert "| found, before pruning | 88.0 | 5.0 | 83.0 | 78.0 | 78.0 | 2.0 | 1.5M | 15M |" in text
+  assert "| mobilenet_v2 | 85.0 | 9.8 | 75.2 | 65.4 | – | 2.0 | – | 22M |" in text
+  assert "| group | found, before pruning | found, after pruning | mobilenet_v2 |" in text
+  assert "| dark | 83.0 | 83.2 | 75.2 |" in text  # accuracy - disparity of each model
+  # Top 10 by reward: candidates 11 down to 2; candidate 11 has experts 8-4-2.
+  assert "| 1 | 0.110 | 61.0 | 9.0 | 52.0 | 12k | 120k | 8-4-2 | 1-2-1 | 2 |" in text
+  assert "| 10 | 0.020 |" in text and "| 11 |" not in text
+  assert "### Pareto set (3 candidates)" in text
+  assert "| supernet | 12.3 s |" in text and "| search | 2 min 05 s |" in text
+  assert "| final | 1 h 06 min |" in text
+  assert "| evaluate_population | 1 |" in text
+  assert "12 candidates scored; best reward 0.110 (cycle 2): num_experts 8-4-2 · top_k 1-2-1" \
+      in text
+  assert "![Accuracy vs disparity](pareto.png)" in text
+
+  for name in ("pareto.png", "group_accuracy.png", "search_progress.png"):
+    data = paths[name].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert width > 400 and height > 300 and len(data) > 10_000
+
+
+def test_missing_values_and_absent_sections(tmp_path):
+  candidates = [{**_record(0), "reward": None,
+                 "metrics": {key: None for key in report.METRIC_KEYS}}]
+  summary = {"best": None, "pareto": [], "final": {"after_pruning": {
+      **{key: None for key in report.METRIC_KEYS}, "disparity": 0.05,
+      "bootstrap": {"disparity": {"estimate": 0.05, "low": None, "high": None}}}},
+      "baselines": [], "timing": {}, "compilations": {}}
+  paths = report.write_report(tmp_path, summary, candidates)
+  assert sorted(paths) == ["report.md", "summary.json"]  # no plottable values
+  text = paths["report.md"].read_text()
+  assert "| found, after pruning | – | 5.0 | – | – | – | – | – | – |" in text
+  assert "1 candidates scored." in text
+  for absent in ("Top 10", "Pareto set", "Timing", "per group", "Plots"):
+    assert absent not in text
+
+
+def test_group_names_must_match_the_metrics(tmp_path):
+  candidates = [_record(0)]
+  with pytest.raises(ValueError, match=r"2 group names \['a', 'b'\] for metrics of 3 groups"):
+    report.write_report(tmp_path, _summary(candidates * 12), candidates, ["a", "b"])
+
+
+def test_results_table():
+  candidates = [_record(i) for i in range(12)]
+  lines = report.results_table(_summary(candidates)).splitlines()
+  assert lines[0].split() == ["model", "accuracy", "%", "disparity", "pts", "worst", "group",
+                              "%", "robustness", "%", "params", "MACs"]
+  assert lines[2].split() == ["found,", "after", "pruning", "87.3", "4.1", "[2.0,", "6.3]",
+                              "83.2", "77.3", "1.23M", "12.3M"]
+  assert lines[3].split() == ["mobilenet_v2", "85.0", "9.8", "75.2", "–", "–", "22M"]
+  assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
+  assert lines[4] == "time: supernet 12.3 s, search 2 min 05 s, final 1 h 06 min"
