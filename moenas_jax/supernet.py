@@ -102,7 +102,7 @@ class SupernetTrainer:
       # Candidates 0 and 1 are the largest and the smallest (see `sandwich`).
       logs = {"loss": loss, "cross_entropy": ce.mean(), "aux_loss": aux.mean(),
               "accuracy_largest": correct[0], "accuracy_smallest": correct[1],
-              "grad_norm": optax.global_norm(grads)}
+              "grad_norm": optax.tree.norm(grads)}
       return params, new_state, opt_state, logs
 
     self._step = jax.jit(supernet_step, donate_argnums=(0, 1, 2))

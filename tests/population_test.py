@@ -8,48 +8,41 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from moenas_jax import models, population, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting
 
-# A tiny supernet (8x8 RGB, 3 MoE layers of up to 3 experts, top-2) and random data.
-CONFIG = dict(num_classes=3, image_size=(8, 8), channels=3, width_multiplier=0.25,
-              depths=(1, 1, 1), strides=(1, 2, 1, 2, 1, 1), max_experts=3, max_top_k=2)
-NUM_GROUPS = 2
+NUM_CLASSES, NUM_GROUPS = 10, 2
 
 
 def _examples(seed, size):
+  """Random images, labels and groups (the tiny supernet's 28x28 RGB)."""
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (size, 8, 8, 3), dtype=np.uint8),
-          "label": rng.integers(0, 3, size).astype(np.int32),
+  return {"image": rng.integers(0, 256, (size, 28, 28, 3), dtype=np.uint8),
+          "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
           "group": rng.integers(0, NUM_GROUPS, size).astype(np.int32)}
 
 
-def _supernet():
-  model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **CONFIG)
-  return model, *models.split(model)
+def test_population_metrics_equal_a_per_candidate_loop_and_compile_once(tiny_supernet):
+  model, graphdef, params, state = tiny_supernet
+  logits_of = jax.jit(lambda arch, images: models.apply(graphdef, params, state, images, arch)[0])
 
+  def loop_accuracy(arch, examples, kind=None, severity=0):
+    """Accuracy and per-group accuracy of one candidate, with NumPy."""
+    images = examples["image"].astype(np.float32) / 255
+    if kind is not None:
+      images = lighting.perturb(images, kind, severity)
+    correct = np.asarray(logits_of(arch, images)).argmax(-1) == examples["label"]
+    groups = examples["group"]
+    return correct.mean(), np.array([correct[groups == g].mean() for g in range(NUM_GROUPS)])
 
-def _loop_accuracy(graphdef, params, state, arch, examples, kind=None, severity=0):
-  """Accuracy and per-group accuracy of one candidate, with NumPy, one image batch at a time."""
-  images = examples["image"].astype(np.float32) / 255
-  if kind is not None:
-    images = lighting.perturb(images, kind, severity)
-  logits = jax.jit(lambda a, x: models.apply(graphdef, params, state, x, a)[0])(arch, images)
-  correct = np.asarray(logits).argmax(-1) == examples["label"]
-  groups = examples["group"]
-  return correct.mean(), np.array([correct[groups == g].mean() for g in range(NUM_GROUPS)])
-
-
-def test_population_metrics_equal_a_per_candidate_loop_and_compile_once():
-  model, graphdef, params, state = _supernet()
   space = model.search_space()
-  evaluation, held = _examples(0, 21), _examples(1, 10)  # 21: the last batch of 8 is padded
+  evaluation, held = _examples(0, 21), _examples(1, 21)  # 21: the last batch of 8 is padded
   lighting_set = (("gamma", 3), ("contrast", 5))
-  evaluator = population.PopulationEvaluator(
-      graphdef, num_classes=3, num_groups=NUM_GROUPS, batch_size=8, lighting_set=lighting_set)
+  evaluator = population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES,
+                                             num_groups=NUM_GROUPS, batch_size=8,
+                                             lighting_set=lighting_set)
   first = space.sample_population(jax.random.key(1), 4)
   second = space.sample_population(jax.random.key(2), 4)
   with count_compilations() as seen:
@@ -59,14 +52,13 @@ def test_population_metrics_equal_a_per_candidate_loop_and_compile_once():
   assert results["accuracy"].shape == (4,)
   assert results["group_accuracy"].shape == (4, NUM_GROUPS)
   for p, arch in enumerate(search_space.unstack(first)):
-    accuracy, groups = _loop_accuracy(graphdef, params, state, arch, evaluation)
+    accuracy, groups = loop_accuracy(arch, evaluation)
     np.testing.assert_allclose(results["accuracy"][p], accuracy, atol=1e-6)
     np.testing.assert_allclose(results["group_accuracy"][p], groups, atol=1e-6)
     np.testing.assert_allclose(results["disparity"][p], groups.max() - groups.min(), atol=1e-6)
-    robust = np.mean([_loop_accuracy(graphdef, params, state, arch, evaluation, kind, s)[0]
-                      for kind, s in lighting_set])
+    robust = np.mean([loop_accuracy(arch, evaluation, kind, s)[0] for kind, s in lighting_set])
     np.testing.assert_allclose(results["robustness"][p], robust, atol=1e-6)
-    train_accuracy, _ = _loop_accuracy(graphdef, params, state, arch, held)
+    train_accuracy, _ = loop_accuracy(arch, held)
     np.testing.assert_allclose(results["generalization_gap"][p], train_accuracy - accuracy,
                                atol=1e-6)
 
@@ -78,10 +70,10 @@ def test_padding_candidates_repeats_the_last_one():
   assert population.pad_candidates(arch, 3).num_experts.shape == (3, 2)
 
 
-def test_bad_settings_are_refused():
-  _, graphdef, _, _ = _supernet()
+def test_bad_settings_are_refused(tiny_supernet):
+  _, graphdef, _, _ = tiny_supernet
   with pytest.raises(ValueError, match="unknown lighting kinds \\['fog'\\]"):
-    population.PopulationEvaluator(graphdef, num_classes=3, num_groups=2, batch_size=8,
+    population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=2, batch_size=8,
                                    lighting_set=(("fog", 1),))
   with pytest.raises(ValueError, match="data_parallel=3 must divide the 2 devices"):
     population.make_mesh(jax.devices() * 2, data_parallel=3)
@@ -91,12 +83,13 @@ _SHARDED_SCRIPT = """
 import json, jax, numpy as np
 from flax import nnx
 from moenas_jax import models, population
-from tests.population_test import CONFIG, NUM_GROUPS, _examples
+from tests.conftest import TINY_SUPERNET
+from tests.population_test import NUM_CLASSES, NUM_GROUPS, _examples
 assert jax.device_count() == 8, jax.devices()
-model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **CONFIG)
+model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **TINY_SUPERNET)
 graphdef, params, state = models.split(model)
 archs = model.search_space().sample_population(jax.random.key(3), 6)  # 6: padded to 8
-settings = dict(num_classes=3, num_groups=NUM_GROUPS, batch_size=8,
+settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
                 lighting_set=(("brightness", 2),))
 data = (_examples(0, 21), _examples(1, 10))
 mesh = population.make_mesh(data_parallel=2)  # 'pop' 4 x 'data' 2
