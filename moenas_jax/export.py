@@ -1,10 +1,26 @@
-"""Standalone models: a candidate cut out of the supernet, with the candidate's own shapes."""
+"""Standalone models: a candidate cut out of the supernet, with its own shapes; save and load.
+
+`standalone(supernet, arch)` is the candidate as a model of its own. `save` writes a trained
+model as orbax weights plus `metadata.json` (model name and config, arch, class and group
+names, input shape, preprocessing); `load` gives back an object with `predict(images)`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from moenas_jax import checkpoint, models, search_space
 from moenas_jax.models.mobilevit import MobileViTV2
 from moenas_jax.search_space import Arch
 
@@ -39,3 +55,72 @@ def _cut(target, source):
   if isinstance(source, jax.ShapeDtypeStruct):  # an abstract supernet (nnx.eval_shape)
     return jax.ShapeDtypeStruct(target.shape, source.dtype)
   return source[tuple(slice(0, size) for size in target.shape)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading a trained model: orbax weights + JSON metadata, loadable anywhere.
+
+PREPROCESSING = ("float32 images [B, H, W, C] with values in [0, 1] (uint8 pixels / 255), "
+                 "RGB channel order for colour data")
+
+
+@dataclasses.dataclass
+class Exported:
+  """A loaded model: `predict(images) -> logits`, its `metadata` and the NNX `model`."""
+
+  model: nnx.Module
+  metadata: dict[str, Any]
+
+  def __post_init__(self):
+    graphdef, params, state = models.split(self.model)
+    self._logits = jax.jit(lambda images: models.apply(graphdef, params, state, images)[0])
+
+  def predict(self, images: Any) -> jax.Array:
+    """Logits [B, num_classes] of float32 images [B, H, W, C] in [0, 1]."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim == 3:
+      raise ValueError(f"predict() takes a batch [B, H, W, C]; got one image "
+                       f"{tuple(images.shape)}: add a leading axis (images[None])")
+    return self._logits(images)
+
+
+def save(directory: str | os.PathLike, model: nnx.Module, *, model_name: str,
+         arch: Arch | None, class_names: Sequence[str], group_names: Sequence[str]) -> Path:
+  """Writes `directory/weights/` (orbax) and `directory/metadata.json`; replaces atomically."""
+  if model_name not in models.MODELS:
+    raise ValueError(f"unknown model {model_name!r}; valid names: {sorted(models.MODELS)}")
+  directory = Path(directory).absolute()
+  metadata = {"model": model_name, "config": model.config,
+              "arch": None if arch is None else search_space.to_dict(arch),
+              "class_names": list(class_names), "group_names": list(group_names),
+              "input_shape": list(model.input_shape), "preprocessing": PREPROCESSING}
+  metadata = json.loads(json.dumps(metadata))
+  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  with checkpoint.Checkpointer(staging / "weights") as weights:
+    _, params, state = models.split(model)
+    weights.save(0, {"params": params, "state": state}, {"model": model_name})
+  checkpoint.write_json_atomic(staging / "metadata.json", metadata)
+  old = directory.with_name(f".{directory.name}.old")
+  if directory.exists():
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+  os.replace(staging, directory)
+  shutil.rmtree(old, ignore_errors=True)
+  return directory
+
+
+def load(directory: str | os.PathLike) -> Exported:
+  """The model `save` wrote, rebuilt from its metadata and weights."""
+  directory = Path(directory)
+  if not (directory / "metadata.json").exists():
+    raise FileNotFoundError(f"{directory} holds no exported model (no metadata.json); give the "
+                            f"final/ folder of a search workdir, or a folder export.save wrote")
+  metadata = checkpoint.read_json(directory / "metadata.json")
+  config = {key: tuple(value) if isinstance(value, list) else value
+            for key, value in metadata["config"].items()}
+  model = nnx.eval_shape(lambda: models.build(metadata["model"], rngs=nnx.Rngs(0), **config))
+  _, params, state = models.split(model)
+  with checkpoint.Checkpointer(directory / "weights") as weights:
+    tree, _ = weights.restore(like={"params": params, "state": state})
+  nnx.update(model, tree["params"], tree["state"])
+  return Exported(model, metadata)

@@ -33,8 +33,9 @@ RECORD_KEYS = ("arch", "metrics", "reward", "cycle")
 METRIC_KEYS = ("accuracy", "group_accuracy", "disparity", "worst_group_accuracy",
                "worst_cell_accuracy", "robustness", "generalization_gap", "params", "macs")
 # summary["final"] keys, in table order, with their row names.
-FINAL_MODELS = (("before_pruning", "found, before pruning"),
-                ("after_pruning", "found, after pruning"))
+FINAL_MODELS = (("trained", "found (pruned, trained)"),
+                ("before_pruning", "found, supernet weights"),
+                ("after_pruning", "found, pruned, supernet weights"))
 MISSING = "–"
 
 
@@ -140,7 +141,8 @@ def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
   """Writes summary.json, report.md and the plots that have data; returns {name: path}.
 
   `summary` holds `best` (a candidate record), `pareto` (candidate records), `final`
-  ({before_pruning, after_pruning}: test metrics of the found model), `baselines` (a list of
+  ({trained, before_pruning, after_pruning}: test metrics of the found model: trained
+  stand-alone, and on the supernet's weights before and after expert pruning), `baselines` (a list of
   {name, metrics}), `timing` ({stage: seconds}) and `compilations` ({function: count}); test
   metrics may hold `bootstrap` (`metrics.bootstrap_intervals` output) for the disparity
   interval. `candidates` are the records of candidates.jsonl; `group_names` label the groups

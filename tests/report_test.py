@@ -119,11 +119,11 @@ def test_write_report(tmp_path):
   text = paths["report.md"].read_text()
   # accuracy 87.3, disparity 4.1 [2.0, 6.3], worst group 0.873 - 0.041, worst cell
   # 0.873 - 0.082, robustness 0.873 - 0.1, gap 2.0 points, 1.23M params, 12.3M MACs.
-  assert ("| found, after pruning | 87.3 | 4.1 [2.0, 6.3] | 83.2 | 79.1 | 77.3 | 2.0 | 1.23M"
+  assert ("| found, pruned, supernet weights | 87.3 | 4.1 [2.0, 6.3] | 83.2 | 79.1 | 77.3 | 2.0 | 1.23M"
           " | 12.3M |") in text
-  assert "| found, before pruning | 88.0 | 5.0 | 83.0 | 78.0 | 78.0 | 2.0 | 1.5M | 15M |" in text
+  assert "| found, supernet weights | 88.0 | 5.0 | 83.0 | 78.0 | 78.0 | 2.0 | 1.5M | 15M |" in text
   assert "| mobilenet_v2 | 85.0 | 9.8 | 75.2 | 65.4 | – | 2.0 | – | 22M |" in text
-  assert "| group | found, before pruning | found, after pruning | mobilenet_v2 |" in text
+  assert "| group | found, supernet weights | found, pruned, supernet weights | mobilenet_v2 |" in text
   assert "| dark | 83.0 | 83.2 | 75.2 |" in text  # accuracy - disparity of each model
   # Top 10 by reward: candidates 11 down to 2; candidate 11 has experts 8-4-2.
   assert "| 1 | 0.110 | 61.0 | 9.0 | 52.0 | 12k | 120k | 8-4-2 | 1-2-1 | 2 |" in text
@@ -153,7 +153,7 @@ def test_missing_values_and_absent_sections(tmp_path):
   paths = report.write_report(tmp_path, summary, candidates)
   assert sorted(paths) == ["report.md", "summary.json"]  # no plottable values
   text = paths["report.md"].read_text()
-  assert "| found, after pruning | – | 5.0 | – | – | – | – | – | – |" in text
+  assert "| found, pruned, supernet weights | – | 5.0 | – | – | – | – | – | – |" in text
   assert "1 candidates scored." in text
   for absent in ("Top 10", "Pareto set", "Timing", "per group", "Plots"):
     assert absent not in text
@@ -170,8 +170,8 @@ def test_results_table():
   lines = report.results_table(_summary(candidates)).splitlines()
   assert lines[0].split() == ["model", "accuracy", "%", "disparity", "pts", "worst", "group",
                               "%", "robustness", "%", "params", "MACs"]
-  assert lines[2].split() == ["found,", "after", "pruning", "87.3", "4.1", "[2.0,", "6.3]",
-                              "83.2", "77.3", "1.23M", "12.3M"]
+  assert lines[2].split() == ["found,", "pruned,", "supernet", "weights", "87.3", "4.1", "[2.0,",
+                              "6.3]", "83.2", "77.3", "1.23M", "12.3M"]
   assert lines[3].split() == ["mobilenet_v2", "85.0", "9.8", "75.2", "–", "–", "22M"]
   assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
   assert lines[4] == "time: supernet 12.3 s, search 2 min 05 s, final 1 h 06 min"

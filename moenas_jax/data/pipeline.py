@@ -69,7 +69,7 @@ def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.n
 
 
 def held_train_subset(examples: Examples, size: int, seed: int) -> Examples:
-  """A fixed random subset of the training split, to measure the generalization gap."""
+  """A fixed random subset of a split, e.g. training examples to measure the gap on."""
   total = len(examples["label"])
   indices = np.sort(np.random.default_rng([seed, 1]).choice(total, min(size, total),
                                                             replace=False))

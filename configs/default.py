@@ -1,0 +1,71 @@
+r"""The default search: Fashion-Tones (embedded, 28x28 RGB, 2 tone groups) on a CPU.
+
+    python -m launch.search --workdir=runs/demo
+
+Finishes in under 10 minutes on 2 CPU cores and ends with the results table (found model vs
+the dense MobileViT-V2 of the same width: accuracy, disparity with its 95% interval, worst
+group, robustness, params, MACs); everything lands in runs/demo/results/.
+Override any field from the command line, e.g. `--config.search.candidates=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.override_workdir = False  # resume a workdir made with another config
+  config.log_every = 50  # supernet/final training steps between progress lines
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="fashion_tones",
+      data_dir="",  # where datasets are prepared (array_record); "" = <workdir>/data
+      manual_dir="",  # your files, for npz / csv / utkface / facet
+      options={},  # dataset options, e.g. {"task": "gender", "sensitive": "race"}
+      search_split="validation",  # scored during the search; also the pruning calibration
+      test_split="test",  # final models and baselines only
+      train_size=0,  # use a random subset of this many training examples (0: all)
+      eval_size=0,  # use a random subset of the search and test splits (0: all)
+      held_train_size=1000,  # training examples held for the generalization gap
+      eval_batch_size=250,
+  ))
+
+  # The MoE supernet (MobileViT-V2 style); image size and channels come from the dataset.
+  config.model = ml_collections.ConfigDict(dict(
+      name="mobilevit_v2",
+      width_multiplier=0.5,
+      depths=(1, 2, 1),
+      strides=(1, 1, 2, 2, 2, 1),
+      max_experts=4,
+      max_top_k=2,
+      moe_settings={},  # MoEFeedForward options, e.g. {"capacity_factor_train": 1.5}
+  ))
+
+  config.supernet = ml_collections.ConfigDict(dict(
+      steps=800, batch_size=64, archs_per_step=3, learning_rate=2e-3, weight_decay=0.05,
+      warmup_steps=50, checkpoint_every=200))
+
+  config.search = ml_collections.ConfigDict(dict(
+      candidates=192,  # candidates proposed in total (cycles = candidates / batch_size)
+      population_size=32, tournament_size=8, batch_size=32,
+      lighting_severities=(3, 5),  # of each lighting kind, for the search's robustness
+  ))
+
+  # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w
+  config.reward = ml_collections.ConfigDict(dict(
+      disparity=1.0, robustness=0.5, gap=0.5, worst_cell=0.0,
+      param_budget=None, mac_budget=None))
+  config.reward.param_budget = ml_collections.FieldReference(None, field_type=int)
+  config.reward.mac_budget = ml_collections.FieldReference(None, field_type=int)
+
+  config.prune = ml_collections.ConfigDict(dict(min_fraction=0.05))
+
+  # Final training of the found model and of every baseline: the same recipe.
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=4, batch_size=64, learning_rate=1e-3, weight_decay=0.05, warmup_fraction=0.05))
+  config.baselines = ("mobilevit_v2_dense",)  # also: "mobilenet_v2", "resnet"
+  # Test metrics of the found model and the baselines: robustness over every lighting kind at
+  # these severities (all 25 perturbations by default), bootstrap intervals, optional PGD.
+  config.evaluation = ml_collections.ConfigDict(dict(
+      lighting_severities=(1, 2, 3, 4, 5), bootstrap_resamples=1000, pgd_steps=0))
+  return config

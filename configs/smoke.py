@@ -1,0 +1,24 @@
+r"""The whole pipeline in about a minute (for tests and a first look), on the embedded dataset.
+
+    python -m launch.search --workdir=/tmp/smoke --config=configs/smoke.py
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.log_every = 10
+  config.data.train_size = 1000
+  config.data.held_train_size = 200
+  config.data.eval_batch_size = 250
+  config.model.update(width_multiplier=0.25, depths=(1, 1, 1), strides=(2, 1, 2, 2, 1, 1),
+                      max_experts=3, max_top_k=2)
+  config.supernet.update(steps=30, batch_size=32, archs_per_step=2, warmup_steps=5,
+                         checkpoint_every=10)
+  config.search.update(candidates=16, population_size=8, tournament_size=3, batch_size=8,
+                       lighting_severities=(5,))
+  config.train.update(epochs=1, batch_size=64)
+  config.data.eval_size = 500
+  config.evaluation.update(lighting_severities=(5,), bootstrap_resamples=200)
+  return config

@@ -1,0 +1,37 @@
+r"""Runs (or resumes) a search: `run_search(config, workdir)` from the command line.
+
+    python -m launch.search --workdir=runs/demo                       # configs/default.py
+    python -m launch.search --workdir=runs/utk --config=configs/utkface.py \
+        --config.data.manual_dir=/data/utkface --config.search.candidates=512
+
+Running the same command again resumes the workdir. On a TPU pod slice, add
+--multihost to call `jax.distributed.initialize()` on every host first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+from moenas_jax import search
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(common.CONFIGS, "default.py"), "Search config (a Python file).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.",
+                               required=True)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup()
+  summary = search.run_search(_CONFIG.value, _WORKDIR.value, log=common.log)
+  logging.info("results in %s", os.path.join(_WORKDIR.value, "results"))
+  del summary
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,368 @@
+"""`run_search(config, workdir)`: the whole pipeline, resumable at every stage.
+
+data → supernet training → regularized evolution (population evaluator, reward, Pareto
+archive) → expert pruning of the winner → final training of the winner and the baselines
+(the same recipe) → test evaluation → export (`workdir/final/`) → report
+(`workdir/results/`). Each stage checkpoints under `workdir/checkpoints/<stage>/`; running
+the same command again continues from the last completed step of the stage it was in and
+ends with the same results as an uninterrupted run (every key comes from `config.seed`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from moenas_jax import (checkpoint, evaluate, evolution, export, metrics, models, population,
+                        prune, report, reward, search_space, supernet, train)
+from moenas_jax.compilation import count_compilations
+from moenas_jax.data import lighting, open_dataset, pipeline
+
+# The jitted functions whose compilations the summary reports.
+_COMPILED = ("supernet_step", "population_counts", "train_step", "logits", "usage_counts")
+
+
+@dataclasses.dataclass
+class Data:
+  """The splits a search reads, in memory, and the dataset's names."""
+
+  train: pipeline.Examples
+  held: pipeline.Examples
+  search: pipeline.Examples
+  test: pipeline.Examples
+  class_names: tuple[str, ...]
+  group_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+
+
+def load_data(config: Any, workdir: Path) -> Data:
+  """Prepares (once) and reads the dataset named by `config.data`."""
+  cfg = config.data
+  dataset = open_dataset(cfg.name, cfg.data_dir or workdir / "data",
+                         manual_dir=cfg.manual_dir or None, **dict(cfg.options))
+  classes, groups = len(dataset.class_names), len(dataset.group_names)
+  missing = {"train", cfg.search_split, cfg.test_split} - set(dataset.splits)
+  if missing:
+    raise ValueError(f"dataset {cfg.name!r} has no split(s) {sorted(missing)}; it has "
+                     f"{sorted(dataset.splits)}: set config.data.search_split / test_split")
+  read = {name: pipeline.read_split(dataset.splits[name], classes, groups, name)
+          for name in {"train", cfg.search_split, cfg.test_split}}
+  train, search, test = read["train"], read[cfg.search_split], read[cfg.test_split]
+  if cfg.train_size:
+    train = pipeline.held_train_subset(train, cfg.train_size, config.seed + 1)
+  if cfg.eval_size:
+    search = pipeline.held_train_subset(search, cfg.eval_size, config.seed + 2)
+    test = pipeline.held_train_subset(test, cfg.eval_size, config.seed + 3)
+  return Data(train=train,
+              held=pipeline.held_train_subset(train, cfg.held_train_size, config.seed),
+              search=search, test=test,
+              class_names=dataset.class_names, group_names=dataset.group_names,
+              image_shape=dataset.image_shape)
+
+
+def build_supernet(config: Any, data: Data) -> nnx.Module:
+  height, width, channels = data.image_shape
+  return models.build(config.model.name, rngs=nnx.Rngs(config.seed),
+                      num_classes=len(data.class_names), image_size=(height, width),
+                      channels=channels, **_model_options(config))
+
+
+def _model_options(config: Any) -> dict[str, Any]:
+  options = {key: value for key, value in config.model.items() if key != "name"}
+  options["moe_settings"] = dict(options.get("moe_settings") or {})
+  return options
+
+
+def validate(config: Any) -> None:
+  """Checks the settings that fail late otherwise; raises ValueError naming the field."""
+  checks = [("supernet.steps", config.supernet.steps, 1),
+            ("search.candidates", config.search.candidates, config.search.batch_size),
+            ("train.epochs", config.train.epochs, 1),
+            ("data.held_train_size", config.data.held_train_size, 1)]
+  for name, value, minimum in checks:
+    if value < minimum:
+      raise ValueError(f"config.{name}={value} must be at least {minimum}")
+  if config.search.candidates % config.search.batch_size:
+    raise ValueError(f"config.search.candidates={config.search.candidates} must be a multiple "
+                     f"of config.search.batch_size={config.search.batch_size} (one evaluator "
+                     f"call scores a batch)")
+  for name in ("search", "evaluation"):
+    bad = [s for s in config[name].lighting_severities if s not in lighting.SEVERITIES]
+    if bad:
+      raise ValueError(f"config.{name}.lighting_severities has {bad}; use values in "
+                       f"{lighting.SEVERITIES}")
+  unknown = [name for name in config.baselines if name not in models.MODELS]
+  if unknown:
+    raise ValueError(f"config.baselines has unknown models {unknown}; known: "
+                     f"{', '.join(sorted(models.MODELS))}")
+
+
+class _Progress:
+  """Periodic progress lines with rate and ETA."""
+
+  def __init__(self, stage: str, total: int, log: Callable[[str], None], start: int = 0):
+    self.stage, self.total, self.log, self.start = stage, total, log, start
+    self.began = time.perf_counter()
+
+  def __call__(self, done: int, extra: str = "") -> None:
+    seconds = time.perf_counter() - self.began
+    rate = (done - self.start) / seconds if seconds > 0 and done > self.start else 0.0
+    eta = f", ETA {(self.total - done) / rate:.0f} s" if rate else ""
+    self.log(f"[{self.stage}] {done}/{self.total} ({100 * done / self.total:.0f}%)"
+             f"{eta}{' · ' + extra if extra else ''}")
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: supernet training.
+
+def train_supernet(config: Any, supernet_model: nnx.Module, data: Data, workdir: Path,
+                   log: Callable[[str], None]) -> tuple[Any, Any]:
+  """Trains the supernet's shared weights (resumes from checkpoints); returns (params, state)."""
+  cfg = config.supernet
+  graphdef, params, state = models.split(supernet_model)
+  trainer = supernet.SupernetTrainer(
+      graphdef, supernet_model.search_space(), archs_per_step=cfg.archs_per_step,
+      optimizer=supernet.OptimizerSettings(learning_rate=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay,
+                                           warmup_steps=min(cfg.warmup_steps, cfg.steps),
+                                           total_steps=cfg.steps))
+  tree = {"params": params, "state": state, "opt_state": trainer.init(params)}
+  with checkpoint.Checkpointer(workdir / "checkpoints" / "supernet") as checkpoints:
+    step = checkpoints.latest_step() or 0
+    if step:
+      tree, _ = checkpoints.restore(step, like=_abstract(tree))
+      log(f"[supernet] resumed at step {step}/{cfg.steps}")
+    if step >= cfg.steps:
+      return tree["params"], tree["state"]
+    size = len(data.train["label"])
+    per_epoch = size // cfg.batch_size
+    if per_epoch < 1:
+      raise ValueError(f"config.supernet.batch_size={cfg.batch_size} exceeds the {size} "
+                       f"training examples")
+    base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    progress = _Progress("supernet", cfg.steps, log, start=step)
+    params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
+    epoch, skip = divmod(step, per_epoch)
+    while step < cfg.steps:
+      for batch in pipeline.train_batches(data.train, cfg.batch_size, config.seed, epoch):
+        if skip:
+          skip -= 1
+          continue
+        params, state, opt_state, logs = trainer.step(params, state, opt_state, batch,
+                                                      jax.random.fold_in(base_key, step))
+        step += 1
+        if step % config.log_every == 0 or step == cfg.steps:
+          supernet.check_finite(logs, step)
+          progress(step, f"loss {float(logs['loss']):.3f}, accuracy largest "
+                         f"{float(logs['accuracy_largest']):.3f} smallest "
+                         f"{float(logs['accuracy_smallest']):.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+          supernet.check_finite(logs, step)
+          checkpoints.save(step, {"params": params, "state": state, "opt_state": opt_state},
+                           {"step": step})
+        if step == cfg.steps:
+          break
+      epoch += 1
+  return params, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the search.
+
+def _lighting_set(severities) -> list[tuple[str, int]]:
+  return [(kind, severity) for kind in lighting.KINDS for severity in severities]
+
+
+def _reward_settings(config: Any) -> dict[str, Any]:
+  cfg = config.reward
+  return dict(weights=reward.RewardWeights(disparity=cfg.disparity, robustness=cfg.robustness,
+                                           gap=cfg.gap, worst_cell=cfg.worst_cell),
+              param_budget=cfg.param_budget, mac_budget=cfg.mac_budget)
+
+
+def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
+                  space: search_space.SearchSpace, data: Data, workdir: Path,
+                  log: Callable[[str], None]) -> list[dict]:
+  """Regularized evolution scored by the population evaluator; returns the candidate records."""
+  cfg = config.search
+  settings = evolution.EvolutionSettings(population_size=cfg.population_size,
+                                         tournament_size=cfg.tournament_size,
+                                         batch_size=cfg.batch_size, seed=config.seed)
+  evaluator = population.PopulationEvaluator(
+      graphdef, num_classes=len(data.class_names), num_groups=len(data.group_names),
+      batch_size=config.data.eval_batch_size,
+      lighting_set=_lighting_set(cfg.lighting_severities),
+      mesh=population.make_mesh() if jax.device_count() > 1 else None)
+  rewards_of = _reward_settings(config)
+  cycles = cfg.candidates // cfg.batch_size
+  log_path = workdir / "results" / "candidates.jsonl"
+  with checkpoint.Checkpointer(workdir / "checkpoints" / "search") as checkpoints:
+    controller, logged = evolution.Evolution(space, settings), 0
+    if checkpoints.latest_step():
+      _, meta = checkpoints.restore()
+      controller = evolution.Evolution.from_state_dict(space, meta["evolution"])
+      logged = meta["logged"]
+      log(f"[search] resumed at cycle {controller.cycle}/{cycles}")
+    progress = _Progress("search", cycles, log, start=controller.cycle)
+    with report.CandidateLog(log_path, expected=logged) as candidate_log:
+      while controller.cycle < cycles:
+        archs = controller.ask()
+        todo = controller.to_score(archs)
+        scores = evaluator.evaluate(params, state, archs, data.search, data.held)
+        scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
+        rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"],
+                                           **rewards_of), np.float64)
+        records = [{"arch": search_space.to_dict(search_space.unstack(archs)[i]),
+                    "metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
+                    "reward": float(rewards[i]), "cycle": controller.cycle} for i in todo]
+        cycle = controller.cycle
+        controller.tell(archs, rewards)
+        candidate_log.append(records)
+        logged += len(records)
+        checkpoints.save(controller.cycle, None, {"evolution": controller.state_dict(),
+                                                   "logged": logged})
+        best_arch, best_reward = controller.best()
+        progress(cycle + 1, f"{logged} scored, best reward {best_reward:.4f}")
+  return report.read_candidates(log_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 3-5: pruning, final training, baselines, export.
+
+def _train_settings(config: Any) -> train.TrainSettings:
+  cfg = config.train
+  return train.TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             warmup_fraction=cfg.warmup_fraction)
+
+
+def _test_evaluator(config: Any, graphdef: nnx.GraphDef, data: Data) -> evaluate.Evaluator:
+  """Full test metrics of one model: every lighting perturbation, optional PGD."""
+  return evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
+                            num_groups=len(data.group_names),
+                            batch_size=config.data.eval_batch_size,
+                            lighting_set=_lighting_set(config.evaluation.lighting_severities),
+                            pgd_steps=config.evaluation.pgd_steps)
+
+
+def _evaluate(config: Any, evaluator: evaluate.Evaluator, params: Any, state: Any, data: Data,
+              arch: Any = None) -> dict[str, Any]:
+  return evaluator.evaluate(params, state, data.test, held_examples=data.held,
+                            bootstrap_resamples=config.evaluation.bootstrap_resamples,
+                            seed=config.seed, arch=arch)
+
+
+def _train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, workdir: Path,
+                        log: Callable[[str], None]) -> tuple[nnx.Module, dict[str, Any]]:
+  """Trains a standalone model with the shared recipe (resumable) and evaluates it on test."""
+  graphdef, params, state = models.split(model)
+  with checkpoint.Checkpointer(workdir / "checkpoints" / name) as checkpoints:
+    params, state, _ = train.train(graphdef, params, state, data.train,
+                                   settings=_train_settings(config), seed=config.seed,
+                                   checkpointer=checkpoints, log=log)
+  nnx.update(model, params, state)
+  results = _evaluate(config, _test_evaluator(config, graphdef, data), params, state, data)
+  results.update(evaluate.model_costs(model))
+  return model, results
+
+
+def _baseline(config: Any, name: str, supernet_model: nnx.Module, data: Data) -> nnx.Module:
+  """A dense baseline: the supernet's own dense candidate, or another family at defaults."""
+  if name == f"{config.model.name}_dense":
+    return export.standalone(supernet_model, supernet_model.search_space().dense())
+  height, width, channels = data.image_shape
+  return models.build(name, rngs=nnx.Rngs(config.seed), num_classes=len(data.class_names),
+                      image_size=(height, width), channels=channels)
+
+
+def run_search(config: Any, workdir: str | os.PathLike,
+               log: Callable[[str], None] = logging.info) -> dict[str, Any]:
+  """Runs (or resumes) the whole search; returns the summary also written to results/."""
+  workdir = Path(workdir)
+  validate(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.check_config(workdir, config.to_dict(), override=config.override_workdir)
+  timing: dict[str, float] = {}
+  clock = time.perf_counter()
+
+  def lap(stage: str) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    timing[stage] = round(now - clock, 2)
+    clock = now
+
+  with count_compilations() as compiled:
+    data = load_data(config, workdir)
+    log(f"[data] {config.data.name}: {len(data.train['label'])} train, "
+        f"{len(data.search['label'])} {config.data.search_split}, {len(data.test['label'])} "
+        f"{config.data.test_split}; groups {', '.join(data.group_names)}")
+    supernet_model = build_supernet(config, data)
+    space = supernet_model.search_space()
+    reward.check_budget(space, config.reward.param_budget, config.reward.mac_budget)
+    lap("data_and_model")
+
+    params, state = train_supernet(config, supernet_model, data, workdir, log)
+    nnx.update(supernet_model, params, state)
+    lap("supernet")
+
+    graphdef = models.split(supernet_model)[0]
+    candidates = run_evolution(config, graphdef, params, state, space, data, workdir, log)
+    best = max(candidates, key=lambda record: record["reward"])
+    archive = reward.ParetoArchive()
+    for record in candidates:
+      archive.add(record)
+    lap("search")
+
+    found = search_space.from_json(best["arch"])
+    usage = prune.expert_usage(graphdef, params, state, found, data.search,
+                               batch_size=config.data.eval_batch_size)
+    pruned_params, pruned_arch, pruning = prune.prune(params, found, usage,
+                                                      min_fraction=config.prune.min_fraction)
+    evaluator = _test_evaluator(config, graphdef, data)
+    before = _evaluate(config, evaluator, params, state, data, arch=found)
+    before.update(params=int(space.params(found)), macs=int(space.macs(found)))
+    after = _evaluate(config, evaluator, pruned_params, state, data, arch=pruned_arch)
+    after.update(params=int(space.params(pruned_arch)), macs=int(space.macs(pruned_arch)))
+    log(f"[prune] {search_space.to_dict(found)} → {search_space.to_dict(pruned_arch)}: params "
+        f"{before['params']:,} → {after['params']:,}")
+    lap("prune")
+
+    pruned_supernet = nnx.merge(graphdef, pruned_params, state)
+    found_model, trained = _train_and_evaluate(
+        config, "final", export.standalone(pruned_supernet, pruned_arch), data, workdir, log)
+    lap("final")
+    baselines = []
+    for name in config.baselines:
+      _, results = _train_and_evaluate(config, f"baseline_{name}",
+                                       _baseline(config, name, supernet_model, data), data,
+                                       workdir, log)
+      baselines.append({"name": name, "metrics": results})
+    lap("baselines")
+
+    export.save(workdir / "final", found_model, model_name=config.model.name,
+                arch=pruned_arch, class_names=data.class_names, group_names=data.group_names)
+  counts = collections.Counter(compiled.names)
+  summary = {
+      "best": best, "pareto": archive.front,
+      "final": {"trained": trained, "before_pruning": before, "after_pruning": after,
+                "arch": search_space.to_dict(pruned_arch), "pruning": pruning},
+      "baselines": baselines, "timing": timing,
+      "compilations": {name: counts[f"jit({name})"] + counts[name] for name in _COMPILED},
+  }
+  report.write_report(workdir / "results", summary, candidates, data.group_names)
+  log("\n" + report.results_table(summary))
+  return metrics.to_python(summary)

@@ -1,0 +1,224 @@
+"""Standalone training of one model: the found architecture, a dense baseline, fine-tuning.
+
+Loss = cross-entropy + the model's routing `aux_loss` (0 for dense models); AdamW with linear
+warmup and cosine decay (`supernet.make_optimizer`), the schedule's length measured in steps
+from the data: epochs × (examples // batch_size). Batches come from `pipeline.train_batches`
+(order a function of (seed, epoch)); the gate noise key of step t is
+`fold_in(jax.random.key(seed), t)`. One compiled step per `Trainer`.
+
+Resumable: with a `Checkpointer`, (params, state, opt_state) are saved at the end of every
+epoch (step number = epochs done, meta = {"epoch", "history", "settings", "seed",
+"num_examples"}); a later call with the same checkpointer continues from the latest one, and
+the result equals an uninterrupted run bit for bit. A non-finite loss or gradient stops
+training with the step named (checked at the end of each epoch, before its checkpoint is
+written).
+
+Fine-tuning on another dataset: `replace_head` gives the model a fresh classification head
+when the number of classes differs, then `train` as usual (`finetune` does both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from moenas_jax import models, supernet
+from moenas_jax.checkpoint import Checkpointer
+from moenas_jax.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """Epochs, batch size and the AdamW schedule (the fields of `supernet.OptimizerSettings`).
+
+  The number of steps is not a setting: it follows from the data (epochs × steps per epoch).
+  `warmup_fraction` of those steps warm the learning rate up linearly from 0 (rounded to
+  whole steps); a cosine then decays it to `final_fraction` of the peak.
+  """
+
+  epochs: int = 10
+  batch_size: int = 64
+  learning_rate: float = 2e-3
+  weight_decay: float = 0.05
+  warmup_fraction: float = 0.05
+  final_fraction: float = 0.01
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    if self.epochs < 1 or self.batch_size < 1:
+      raise ValueError(f"need epochs >= 1 and batch_size >= 1, got epochs={self.epochs}, "
+                       f"batch_size={self.batch_size}")
+    if not 0 <= self.warmup_fraction <= 1:
+      raise ValueError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1] (a share "
+                       f"of all training steps)")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+  def optimizer(self, steps_per_epoch: int) -> supernet.OptimizerSettings:
+    """The optimizer settings for a training set of `steps_per_epoch` batches."""
+    total = self.epochs * steps_per_epoch
+    return supernet.OptimizerSettings(
+        learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+        warmup_steps=round(self.warmup_fraction * total), total_steps=total,
+        final_fraction=self.final_fraction, clip_norm=self.clip_norm)
+
+
+class Trainer:
+  """The jitted step of one model under one schedule; `fit` trains (or resumes) it.
+
+  Several `fit` calls share the compiled step (e.g. a run and its resumption in one process).
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, settings: TrainSettings, num_examples: int):
+    if not 0 < settings.batch_size <= num_examples:
+      raise ValueError(f"batch_size={settings.batch_size} must be in 1..{num_examples} (the "
+                       f"number of training examples); lower it or give more examples")
+    self.settings, self.num_examples = settings, num_examples
+    self.steps_per_epoch = num_examples // settings.batch_size
+    self.optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
+
+    def train_step(params, state, opt_state, batch, key, step):
+      def loss_fn(params):
+        logits, new_state, aux = models.apply(graphdef, params, state, batch["image"],
+                                              train=True, key=jax.random.fold_in(key, step))
+        ce = supernet.cross_entropy(logits, batch["label"]).mean()
+        correct = (logits.argmax(-1) == batch["label"]).mean()
+        return ce + aux["aux_loss"], (ce, aux["aux_loss"], correct, new_state)
+
+      (loss, (ce, aux, correct, new_state)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      logs = {"loss": loss, "cross_entropy": ce, "aux_loss": aux, "accuracy": correct,
+              "grad_norm": optax.tree.norm(grads)}
+      return params, new_state, opt_state, logs
+
+    self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+
+  def fit(self, params: nnx.State, state: nnx.State, train_examples: pipeline.Examples, *,
+          seed: int, checkpointer: Checkpointer | None = None,
+          log: Callable[[str], Any] | None = None) -> tuple[nnx.State, nnx.State, list[dict]]:
+    """Trains to `settings.epochs` (from the latest checkpoint if there is one).
+
+    Returns (params, state, history): history holds one dict per epoch (epoch, and the means
+    over its steps of loss, cross_entropy, aux_loss, accuracy, grad_norm). `log` gets one
+    line per epoch (after its checkpoint is saved); default: absl logging.
+    """
+    log = logging.info if log is None else log
+    size = len(train_examples["label"])
+    if size != self.num_examples:
+      raise ValueError(f"this Trainer's schedule was made for {self.num_examples} examples, "
+                       f"got {size}; make a Trainer for this training set")
+    # The step donates its inputs: train on copies, so the caller's arrays stay valid. They
+    # are committed to the default device, as restored ones are, so both share one compile.
+    params, state = jax.tree.map(jnp.array, (params, state))
+    params, state, opt_state = jax.device_put((params, state, self.optimizer.init(params)),
+                                              jax.devices()[0])
+    run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size}
+    history, done = [], 0
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+      _check_same_run(checkpointer, run)
+      (params, state, opt_state), meta = checkpointer.restore(like=(params, state, opt_state))
+      done, history = meta["epoch"], meta["history"]
+      log(f"resuming training after epoch {done} from {checkpointer.directory}")
+    key = jax.random.key(seed)
+    for epoch in range(done, self.settings.epochs):
+      start = time.perf_counter()
+      first = epoch * self.steps_per_epoch
+      logs = []
+      for i, batch in enumerate(pipeline.train_batches(train_examples, self.settings.batch_size,
+                                                       seed, epoch)):
+        params, state, opt_state, step_logs = self._step(params, state, opt_state, batch, key,
+                                                         np.int32(first + i))
+        logs.append(step_logs)
+      logs = jax.device_get(logs)
+      for i, step_logs in enumerate(logs):
+        _check_finite(step_logs, first + i)
+      seconds = time.perf_counter() - start
+      history.append({"epoch": epoch + 1, **{name: float(np.mean([entry[name] for entry in logs]))
+                                             for name in logs[0]}})
+      if checkpointer is not None:
+        checkpointer.save(epoch + 1, (params, state, opt_state),
+                          {**run, "epoch": epoch + 1, "history": history})
+      log(f"epoch {epoch + 1}/{self.settings.epochs}: loss {history[-1]['loss']:.4f}, "
+          f"accuracy {history[-1]['accuracy']:.3f}, {len(logs) / seconds:.1f} steps/s")
+    return params, state, history
+
+
+def _check_finite(logs: dict[str, Any], step: int) -> None:
+  """Stops at a non-finite loss, or gradient: both poison the weights from this step on.
+
+  The gradient check matters: a NaN input can leave the loss finite (XLA:CPU's max-based
+  activations map NaN to 0 in the forward pass) while its gradient is NaN.
+  """
+  supernet.check_finite(logs, step)
+  if not np.isfinite(logs["grad_norm"]):
+    raise FloatingPointError(
+        f"gradient norm is {logs['grad_norm']} at step {step} (loss {logs['loss']}); check "
+        f"that step's batch for NaN or infinite inputs, or lower the learning rate")
+
+
+def _check_same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:
+  """Refuses to resume a checkpoint made with other settings, seed or training set size."""
+  _, saved = checkpointer.restore()
+  differences = [f"{name}: {saved.get(name)} -> {value}" for name, value in run.items()
+                 if saved.get(name) != value]
+  if differences:
+    raise ValueError(f"the checkpoint in {checkpointer.directory} is of another training run "
+                     f"({'; '.join(differences)}); use a new checkpoint directory, or the "
+                     f"settings it was made with")
+
+
+def train(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
+          train_examples: pipeline.Examples, *, settings: TrainSettings, seed: int,
+          checkpointer: Checkpointer | None = None, log: Callable[[str], Any] | None = None
+          ) -> tuple[nnx.State, nnx.State, list[dict]]:
+  """Trains a model from its split state; returns (params, state, history). See `Trainer.fit`."""
+  trainer = Trainer(graphdef, settings, len(train_examples["label"]))
+  return trainer.fit(params, state, train_examples, seed=seed, checkpointer=checkpointer,
+                     log=log)
+
+
+def replace_head(model: nnx.Module, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """A copy of `model` with a freshly initialised `head` of `num_classes` outputs.
+
+  Every model family ends with `self.head = nnx.Linear(width, num_classes)`; the other
+  weights and statistics are kept (shared with `model`, whose own head is untouched) and
+  `config["num_classes"]` follows.
+  """
+  head = getattr(model, "head", None)
+  if not isinstance(head, nnx.Linear):
+    raise TypeError(f"replace_head needs a model whose `head` is an nnx.Linear (the model "
+                    f"families of moenas_jax.models), got {type(model).__name__} with head "
+                    f"{type(head).__name__}")
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  model = nnx.clone(model)
+  model.head = nnx.Linear(head.in_features, num_classes, rngs=rngs)
+  model.config = {**model.config, "num_classes": num_classes}
+  return model
+
+
+def finetune(model: nnx.Module, train_examples: pipeline.Examples, *, num_classes: int,
+             settings: TrainSettings, seed: int, checkpointer: Checkpointer | None = None,
+             log: Callable[[str], Any] | None = None) -> tuple[nnx.Module, list[dict]]:
+  """Trains `model` on another dataset, with a new head (from `seed`) if its classes differ.
+
+  Every weight is trained (use a lower learning rate than from scratch). Returns the trained
+  model, a new object, and the history.
+  """
+  if model.config["num_classes"] != num_classes:
+    model = replace_head(model, num_classes, rngs=nnx.Rngs(seed))
+  graphdef, params, state = models.split(model)
+  params, state, history = train(graphdef, params, state, train_examples, settings=settings,
+                                 seed=seed, checkpointer=checkpointer, log=log)
+  return nnx.merge(graphdef, params, state), history

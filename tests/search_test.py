@@ -1,0 +1,140 @@
+"""End to end: the smoke search, killed with SIGKILL twice and resumed, equals an uninterrupted run.
+
+The runs are subprocesses sharing a persistent XLA cache, so only the first one compiles.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import smoke
+from moenas_jax import export, report, search
+from moenas_jax.data import fashion_tones
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_RUN = """
+import sys, jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from configs import smoke
+from moenas_jax import search
+search.run_search(smoke.get_config(), sys.argv[1], log=lambda line: print(line, flush=True))
+"""
+
+
+def _start(workdir, cache):
+  return subprocess.Popen([sys.executable, "-c", _RUN, str(workdir), str(cache)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process):
+  output, _ = process.communicate(timeout=900)
+  assert process.returncode == 0, output[-4000:]
+  return output
+
+
+def _kill_when(process, ready, timeout=600):
+  """SIGKILLs the process as soon as `ready()` holds (the process must still be running)."""
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert process.poll() is None, process.communicate()[0][-4000:]
+    assert time.monotonic() < deadline, "the run never reached the kill point"
+    time.sleep(0.05)
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+
+
+def _comparable(workdir):
+  summary = json.loads((workdir / "results" / "summary.json").read_text())
+  del summary["timing"], summary["compilations"]
+  return summary, report.read_candidates(workdir / "results" / "candidates.jsonl")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(killed-and-resumed workdir, uninterrupted workdir, resumed run's output)."""
+  base = tmp_path_factory.mktemp("search")
+  cache, resumed, straight = base / "xla", base / "resumed", base / "straight"
+  first = _start(resumed, cache)
+  # Killed once during supernet training (after its first checkpoint), once mid-search.
+  _kill_when(first, lambda: (resumed / "checkpoints" / "supernet" / "10").exists())
+  second = _start(resumed, cache)
+  log = resumed / "results" / "candidates.jsonl"
+  _kill_when(second, lambda: log.exists() and log.stat().st_size > 0)
+  output = _finish(_start(resumed, cache))
+  _finish(_start(straight, cache))
+  return resumed, straight, output
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
+  resumed, straight, output = runs
+  assert "[supernet] resumed at step" in output or "[search] resumed at cycle" in output
+  (summary, candidates), (expected, expected_candidates) = _comparable(resumed), \
+      _comparable(straight)
+  assert candidates == expected_candidates
+  assert summary == expected
+
+
+def test_results_follow_the_documented_schema(runs):
+  workdir = runs[1]
+  config = smoke.get_config()
+  candidates = report.read_candidates(workdir / "results" / "candidates.jsonl")
+  assert len(candidates) <= config.search.candidates
+  for record in candidates:
+    assert set(record) >= set(report.RECORD_KEYS)
+    assert set(record["metrics"]) >= set(report.METRIC_KEYS)
+    assert len(record["metrics"]["group_accuracy"]) == 2
+  summary = json.loads((workdir / "results" / "summary.json").read_text())
+  assert set(summary) >= {"best", "pareto", "final", "baselines", "timing", "compilations"}
+  assert summary["best"]["reward"] == max(r["reward"] for r in candidates)
+  assert {b["name"] for b in summary["baselines"]} == set(config.baselines)
+  trained = summary["final"]["trained"]
+  assert 0.2 < trained["accuracy"] <= 1  # above chance (10 classes) after a short training
+  low, high = (trained["bootstrap"]["disparity"][k] for k in ("low", "high"))
+  assert low <= high
+  # One compile per stage.
+  assert summary["compilations"]["supernet_step"] == 1
+  assert summary["compilations"]["population_counts"] == 1
+  for name in ("report.md", "pareto.png", "group_accuracy.png", "search_progress.png"):
+    assert (workdir / "results" / name).stat().st_size > 100
+
+
+def test_the_exported_model_loads_and_predicts_as_evaluated(runs):
+  workdir = runs[1]
+  model = export.load(workdir / "final")
+  assert model.metadata["class_names"][0] == "T-shirt/top"
+  assert model.metadata["input_shape"] == [28, 28, 3]
+  test = fashion_tones.load("test")
+  logits = np.asarray(model.predict(test["image"] / 255.0))
+  assert logits.shape == (len(test["label"]), 10)
+  summary = json.loads((workdir / "results" / "summary.json").read_text())
+  accuracy = (logits.argmax(-1) == test["label"]).mean()
+  np.testing.assert_allclose(accuracy, summary["final"]["trained"]["accuracy"], atol=1e-6)
+
+
+def test_a_workdir_with_another_config_is_refused(runs, tmp_path):
+  config = smoke.get_config()
+  config.search.tournament_size = 2
+  with pytest.raises(ValueError, match="search.tournament_size: 3 -> 2"):
+    search.run_search(config, runs[1])
+
+
+def test_bad_configs_fail_before_any_work(tmp_path):
+  config = smoke.get_config()
+  config.search.candidates = 12
+  with pytest.raises(ValueError, match="candidates=12 must be a multiple"):
+    search.run_search(config, tmp_path / "a")
+  config = smoke.get_config()
+  config.baselines = ("vgg",)
+  with pytest.raises(ValueError, match="unknown models \\['vgg'\\]"):
+    search.run_search(config, tmp_path / "b")
+  assert not (tmp_path / "a").exists()
