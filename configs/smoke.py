@@ -10,7 +10,7 @@ def get_config():
   config = default.get_config()
   config.log_every = 10
   config.data.train_size = 1000
-  config.data.held_train_size = 200
+  config.data.held_train_size = 100
   config.data.eval_batch_size = 250
   config.model.update(width_multiplier=0.25, depths=(1, 1, 1), strides=(2, 1, 2, 2, 1, 1),
                       max_experts=3, max_top_k=2)
@@ -19,6 +19,6 @@ def get_config():
   config.search.update(candidates=16, population_size=8, tournament_size=3, batch_size=8,
                        lighting_severities=(5,))
   config.train.update(epochs=1, batch_size=64)
-  config.data.eval_size = 500
+  config.data.eval_size = 250
   config.evaluation.update(lighting_severities=(5,), bootstrap_resamples=200)
   return config

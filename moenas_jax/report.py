@@ -140,14 +140,13 @@ def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
                  group_names: Sequence[str] | None = None) -> dict[str, Path]:
   """Writes summary.json, report.md and the plots that have data; returns {name: path}.
 
-  `summary` holds `best` (a candidate record), `pareto` (candidate records), `final`
-  ({trained, before_pruning, after_pruning}: test metrics of the found model: trained
-  stand-alone, and on the supernet's weights before and after expert pruning), `baselines` (a list of
-  {name, metrics}), `timing` ({stage: seconds}) and `compilations` ({function: count}); test
-  metrics may hold `bootstrap` (`metrics.bootstrap_intervals` output) for the disparity
-  interval. `candidates` are the records of candidates.jsonl; `group_names` label the groups
-  (default "group 0", ...). Arrays become lists and NaN None (`metrics.to_python`); every
-  file is replaced atomically.
+  `summary` holds `best` (a candidate record), `pareto` (candidate records), `final` ({trained,
+  before_pruning, after_pruning}: test metrics of the found model trained stand-alone, and on the
+  supernet's weights before and after expert pruning), `baselines` (a list of {name, metrics}),
+  `timing` ({stage: seconds}) and `compilations` ({function: count}); test metrics may hold
+  `bootstrap` (`metrics.bootstrap_intervals` output) for the disparity interval. `candidates` are
+  the records of candidates.jsonl; `group_names` label the groups (default "group 0", ...). Arrays
+  become lists and NaN None (`metrics.to_python`); every file is replaced atomically.
   """
   results_dir = Path(results_dir)
   summary = metrics_lib.to_python(summary)

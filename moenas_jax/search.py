@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,26 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from moenas_jax import (checkpoint, evaluate, evolution, export, metrics, models, population,
-                        prune, report, reward, search_space, supernet, train)
+from moenas_jax import (
+  checkpoint,
+  evaluate,
+  evolution,
+  export,
+  metrics,
+  models,
+  population,
+  prune,
+  report,
+  reward,
+  search_space,
+  supernet,
+  train,
+)
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting, open_dataset, pipeline
 
+# Config keys a later `run_baselines` may change in a finished workdir.
+_BASELINE_KEYS = (*checkpoint.IGNORED_CONFIG_KEYS, "baselines")
 # The jitted functions whose compilations the summary reports.
 _COMPILED = ("supernet_step", "population_counts", "train_step", "logits", "usage_counts")
 
@@ -92,6 +107,9 @@ def validate(config: Any) -> None:
   for name, value, minimum in checks:
     if value < minimum:
       raise ValueError(f"config.{name}={value} must be at least {minimum}")
+  if config.supernet.batch_size % jax.device_count():
+    raise ValueError(f"config.supernet.batch_size={config.supernet.batch_size} must be a "
+                     f"multiple of the {jax.device_count()} devices (data parallel)")
   if config.search.candidates % config.search.batch_size:
     raise ValueError(f"config.search.candidates={config.search.candidates} must be a multiple "
                      f"of config.search.batch_size={config.search.batch_size} (one evaluator "
@@ -139,7 +157,9 @@ def train_supernet(config: Any, supernet_model: nnx.Module, data: Data, workdir:
       optimizer=supernet.OptimizerSettings(learning_rate=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay,
                                            warmup_steps=min(cfg.warmup_steps, cfg.steps),
-                                           total_steps=cfg.steps))
+                                           total_steps=cfg.steps),
+      mesh=population.make_mesh(data_parallel=jax.device_count())
+      if jax.device_count() > 1 else None)
   tree = {"params": params, "state": state, "opt_state": trainer.init(params)}
   with checkpoint.Checkpointer(workdir / "checkpoints" / "supernet") as checkpoints:
     step = checkpoints.latest_step() or 0
@@ -280,13 +300,55 @@ def _train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, w
   return model, results
 
 
-def _baseline(config: Any, name: str, supernet_model: nnx.Module, data: Data) -> nnx.Module:
+def _baseline(config: Any, name: str, supernet_model: nnx.Module | None,
+              data: Data) -> nnx.Module:
   """A dense baseline: the supernet's own dense candidate, or another family at defaults."""
-  if name == f"{config.model.name}_dense":
+  if name == f"{config.model.name}_dense" and supernet_model is not None:
     return export.standalone(supernet_model, supernet_model.search_space().dense())
   height, width, channels = data.image_shape
   return models.build(name, rngs=nnx.Rngs(config.seed), num_classes=len(data.class_names),
                       image_size=(height, width), channels=channels)
+
+
+def _baselines(config: Any, supernet_model: nnx.Module, data: Data, workdir: Path,
+               log: Callable[[str], None]) -> list[dict[str, Any]]:
+  """Trains and tests every model of `config.baselines` with the shared recipe."""
+  results = []
+  for name in config.baselines:
+    log(f"[baselines] {name}")
+    _, metrics_of = _train_and_evaluate(config, f"baseline_{name}",
+                                        _baseline(config, name, supernet_model, data), data,
+                                        workdir, log)
+    results.append({"name": name, "metrics": metrics_of})
+  return results
+
+
+def run_baselines(config: Any, workdir: str | os.PathLike,
+                  log: Callable[[str], None] = logging.info) -> dict[str, Any]:
+  """Trains and tests `config.baselines` for a finished search and rewrites its report.
+
+  Baselines already in the summary under the same name are replaced; others are kept.
+  """
+  workdir = Path(workdir)
+  validate(config)
+  summary_path = workdir / "results" / "summary.json"
+  if not summary_path.exists():
+    raise FileNotFoundError(f"{summary_path} does not exist: run the search in {workdir} first "
+                            f"(python -m launch.search --workdir={workdir})")
+  checkpoint.check_config(workdir, config.to_dict(),
+                          override=config.override_workdir, ignore=_BASELINE_KEYS)
+  data = load_data(config, workdir)
+  supernet_model = build_supernet(config, data)
+  nnx.update(supernet_model, *train_supernet(config, supernet_model, data, workdir, log))
+  new = _baselines(config, supernet_model, data, workdir, log)
+  summary = checkpoint.read_json(summary_path)
+  names = {b["name"] for b in new}
+  summary["baselines"] = [b for b in summary["baselines"] if b["name"] not in names] + new
+  report.write_report(workdir / "results", summary,
+                      report.read_candidates(workdir / "results" / "candidates.jsonl"),
+                      data.group_names)
+  log("\n" + report.results_table(summary))
+  return summary
 
 
 def run_search(config: Any, workdir: str | os.PathLike,
@@ -344,13 +406,10 @@ def run_search(config: Any, workdir: str | os.PathLike,
     pruned_supernet = nnx.merge(graphdef, pruned_params, state)
     found_model, trained = _train_and_evaluate(
         config, "final", export.standalone(pruned_supernet, pruned_arch), data, workdir, log)
+    # Sizes as the search counts them (no capacity padding), like the rows above.
+    trained.update(params=after["params"], macs=after["macs"])
     lap("final")
-    baselines = []
-    for name in config.baselines:
-      _, results = _train_and_evaluate(config, f"baseline_{name}",
-                                       _baseline(config, name, supernet_model, data), data,
-                                       workdir, log)
-      baselines.append({"name": name, "metrics": results})
+    baselines = _baselines(config, supernet_model, data, workdir, log)
     lap("baselines")
 
     export.save(workdir / "final", found_model, model_name=config.model.name,
@@ -366,3 +425,64 @@ def run_search(config: Any, workdir: str | os.PathLike,
   report.write_report(workdir / "results", summary, candidates, data.group_names)
   log("\n" + report.results_table(summary))
   return metrics.to_python(summary)
+
+
+def _train_evaluate_export(config: Any, model: nnx.Module, model_name: str, arch: Any,
+                           data: Data, workdir: Path, stage: str,
+                           log: Callable[[str], None]) -> dict[str, Any]:
+  """Trains (resumably) and tests a standalone model, exports it to workdir/final."""
+  model, results = _train_and_evaluate(config, stage, model, data, workdir, log)
+  export.save(workdir / "final", model, model_name=model_name, arch=arch,
+              class_names=data.class_names, group_names=data.group_names)
+  checkpoint.write_json_atomic(workdir / "results" / f"{stage}.json",
+                               metrics.to_python({"model": model_name, "metrics": results}))
+  log("\n" + report.results_table({"baselines": [{"name": model_name, "metrics": results}]}))
+  return results
+
+
+def run_train(config: Any, workdir: str | os.PathLike, model_name: str, arch: Any = None,
+              log: Callable[[str], None] = logging.info) -> dict[str, Any]:
+  """Trains one model from scratch with `config.train` and exports it to workdir/final.
+
+  `model_name` is a family of `models.MODELS` at its defaults, or, with `arch`, the
+  supernet of `config.model` cut to that candidate (`export.standalone`).
+  """
+  workdir = Path(workdir)
+  validate(config)
+  if model_name not in models.MODELS:
+    raise ValueError(f"unknown model {model_name!r}; valid names: {sorted(models.MODELS)}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.check_config(workdir, {**config.to_dict(), "train_model": model_name,
+                                    "train_arch": arch and search_space.to_dict(arch)},
+                          override=config.override_workdir)
+  data = load_data(config, workdir)
+  if arch is not None:
+    supernet_model = build_supernet(config, data)
+    model = export.standalone(supernet_model, supernet_model.search_space().validate(arch))
+    model_name = config.model.name
+  else:
+    model = _baseline(config, model_name, None, data)
+  return _train_evaluate_export(config, model, model_name, arch, data, workdir, "train", log)
+
+
+def run_finetune(config: Any, workdir: str | os.PathLike, source: str | os.PathLike,
+                 log: Callable[[str], None] = logging.info) -> dict[str, Any]:
+  """Fine-tunes an exported model on `config.data` (a new head if the classes differ)."""
+  workdir = Path(workdir)
+  validate(config)
+  exported = export.load(source)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.check_config(workdir, {**config.to_dict(), "finetune_from": str(source)},
+                          override=config.override_workdir)
+  data = load_data(config, workdir)
+  if tuple(exported.metadata["input_shape"]) != tuple(data.image_shape):
+    raise ValueError(f"the model in {source} takes images {exported.metadata['input_shape']} "
+                     f"but dataset {config.data.name!r} has {list(data.image_shape)}; set the "
+                     f"dataset's image size (e.g. --config.data.options.image_size=...)")
+  model = exported.model
+  if model.config["num_classes"] != len(data.class_names):
+    log(f"[finetune] new head: {model.config['num_classes']} → {len(data.class_names)} classes")
+    model = train.replace_head(model, len(data.class_names), rngs=nnx.Rngs(config.seed))
+  arch = exported.metadata["arch"] and search_space.from_json(exported.metadata["arch"])
+  return _train_evaluate_export(config, model, exported.metadata["model"], arch, data, workdir,
+                                "finetune", log)

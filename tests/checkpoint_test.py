@@ -23,7 +23,8 @@ def _tree():
 
 def _assert_trees_equal(actual, expected):
   """Same structure, dtypes and values (typed PRNG keys compared by their key data)."""
-  unwrap = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  def unwrap(x):
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
   chex.assert_trees_all_equal_structs(actual, expected)
   chex.assert_trees_all_equal_dtypes(actual, expected)
   chex.assert_trees_all_equal(jax.tree.map(unwrap, actual), jax.tree.map(unwrap, expected))

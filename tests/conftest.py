@@ -1,15 +1,30 @@
-"""Shared test fixtures: one tiny MoE supernet on 28x28 RGB images (the embedded data's shape).
+"""Shared test fixtures: one tiny MoE supernet, one finished smoke search, one XLA cache.
 
 Building a model compiles one initialiser per parameter shape (about 15 s on 2 CPU cores), so
-tests share this one and its shapes.
+tests share the tiny supernet, whose shapes are also the smoke config's. The session writes
+compiled programs to a persistent XLA cache that subprocesses (resumed searches, the notebook's
+kernel) inherit through JAX_COMPILATION_CACHE_DIR, so only the first of them compiles.
 """
 
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
 from flax import nnx
 
 from moenas_jax import models
 
-# 3 MoE layers of up to 3 experts, top-2; 28 -> 14 -> 7 -> 4 px; 10 classes.
+_CACHE = tempfile.mkdtemp(prefix="moenas_jax_xla_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+# 3 MoE layers of up to 3 experts, top-2; 28 -> 14 -> 7 -> 4 px; 10 classes (= configs/smoke.py).
 TINY_SUPERNET = dict(num_classes=10, image_size=(28, 28), channels=3, width_multiplier=0.25,
                      depths=(1, 1, 1), strides=(2, 1, 2, 2, 1, 1), max_experts=3, max_top_k=2)
 
@@ -19,3 +34,14 @@ def tiny_supernet():
   """(model, graphdef, params, state) of the tiny supernet, seed 0."""
   model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **TINY_SUPERNET)
   return model, *models.split(model)
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+  """The workdir of a finished, uninterrupted smoke search (configs/smoke.py)."""
+  from configs import smoke
+  from moenas_jax import search
+
+  workdir = tmp_path_factory.mktemp("smoke") / "run"
+  search.run_search(smoke.get_config(), workdir, log=print)
+  return workdir

@@ -119,11 +119,12 @@ def test_write_report(tmp_path):
   text = paths["report.md"].read_text()
   # accuracy 87.3, disparity 4.1 [2.0, 6.3], worst group 0.873 - 0.041, worst cell
   # 0.873 - 0.082, robustness 0.873 - 0.1, gap 2.0 points, 1.23M params, 12.3M MACs.
-  assert ("| found, pruned, supernet weights | 87.3 | 4.1 [2.0, 6.3] | 83.2 | 79.1 | 77.3 | 2.0 | 1.23M"
-          " | 12.3M |") in text
+  assert ("| found, pruned, supernet weights | 87.3 | 4.1 [2.0, 6.3] | 83.2 | 79.1 | 77.3 | 2.0 "
+          "| 1.23M | 12.3M |") in text
   assert "| found, supernet weights | 88.0 | 5.0 | 83.0 | 78.0 | 78.0 | 2.0 | 1.5M | 15M |" in text
   assert "| mobilenet_v2 | 85.0 | 9.8 | 75.2 | 65.4 | – | 2.0 | – | 22M |" in text
-  assert "| group | found, supernet weights | found, pruned, supernet weights | mobilenet_v2 |" in text
+  assert ("| group | found, supernet weights | found, pruned, supernet weights | mobilenet_v2 |"
+          in text)
   assert "| dark | 83.0 | 83.2 | 75.2 |" in text  # accuracy - disparity of each model
   # Top 10 by reward: candidates 11 down to 2; candidate 11 has experts 8-4-2.
   assert "| 1 | 0.110 | 61.0 | 9.0 | 52.0 | 12k | 120k | 8-4-2 | 1-2-1 | 2 |" in text

@@ -1,6 +1,7 @@
 """End to end: the smoke search, killed with SIGKILL twice and resumed, equals an uninterrupted run.
 
-The runs are subprocesses sharing a persistent XLA cache, so only the first one compiles.
+The interrupted runs are subprocesses; they inherit the session's persistent XLA cache
+(tests/conftest.py), so they compile nothing the uninterrupted in-process run compiled.
 """
 
 import json
@@ -21,17 +22,15 @@ from moenas_jax.data import fashion_tones
 ROOT = Path(__file__).resolve().parents[1]
 
 _RUN = """
-import sys, jax
-jax.config.update("jax_compilation_cache_dir", sys.argv[2])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+import sys
 from configs import smoke
 from moenas_jax import search
 search.run_search(smoke.get_config(), sys.argv[1], log=lambda line: print(line, flush=True))
 """
 
 
-def _start(workdir, cache):
-  return subprocess.Popen([sys.executable, "-c", _RUN, str(workdir), str(cache)], cwd=ROOT,
+def _start(workdir):
+  return subprocess.Popen([sys.executable, "-c", _RUN, str(workdir)], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -60,19 +59,17 @@ def _comparable(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(smoke_workdir, tmp_path_factory):
   """(killed-and-resumed workdir, uninterrupted workdir, resumed run's output)."""
-  base = tmp_path_factory.mktemp("search")
-  cache, resumed, straight = base / "xla", base / "resumed", base / "straight"
-  first = _start(resumed, cache)
+  resumed = tmp_path_factory.mktemp("search") / "resumed"
+  first = _start(resumed)
   # Killed once during supernet training (after its first checkpoint), once mid-search.
   _kill_when(first, lambda: (resumed / "checkpoints" / "supernet" / "10").exists())
-  second = _start(resumed, cache)
+  second = _start(resumed)
   log = resumed / "results" / "candidates.jsonl"
   _kill_when(second, lambda: log.exists() and log.stat().st_size > 0)
-  output = _finish(_start(resumed, cache))
-  _finish(_start(straight, cache))
-  return resumed, straight, output
+  output = _finish(_start(resumed))
+  return resumed, smoke_workdir, output
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
@@ -84,8 +81,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
   assert summary == expected
 
 
-def test_results_follow_the_documented_schema(runs):
-  workdir = runs[1]
+def test_results_follow_the_documented_schema(smoke_workdir):
+  workdir = smoke_workdir
   config = smoke.get_config()
   candidates = report.read_candidates(workdir / "results" / "candidates.jsonl")
   assert len(candidates) <= config.search.candidates
@@ -108,12 +105,12 @@ def test_results_follow_the_documented_schema(runs):
     assert (workdir / "results" / name).stat().st_size > 100
 
 
-def test_the_exported_model_loads_and_predicts_as_evaluated(runs):
-  workdir = runs[1]
+def test_the_exported_model_loads_and_predicts_as_evaluated(smoke_workdir):
+  workdir = smoke_workdir
   model = export.load(workdir / "final")
-  assert model.metadata["class_names"][0] == "T-shirt/top"
+  assert model.metadata["class_names"] == list(fashion_tones.CLASS_NAMES)
   assert model.metadata["input_shape"] == [28, 28, 3]
-  test = fashion_tones.load("test")
+  test = search.load_data(smoke.get_config(), workdir).test  # the examples the run tested
   logits = np.asarray(model.predict(test["image"] / 255.0))
   assert logits.shape == (len(test["label"]), 10)
   summary = json.loads((workdir / "results" / "summary.json").read_text())
@@ -121,11 +118,11 @@ def test_the_exported_model_loads_and_predicts_as_evaluated(runs):
   np.testing.assert_allclose(accuracy, summary["final"]["trained"]["accuracy"], atol=1e-6)
 
 
-def test_a_workdir_with_another_config_is_refused(runs, tmp_path):
+def test_a_workdir_with_another_config_is_refused(smoke_workdir):
   config = smoke.get_config()
   config.search.tournament_size = 2
   with pytest.raises(ValueError, match="search.tournament_size: 3 -> 2"):
-    search.run_search(config, runs[1])
+    search.run_search(config, smoke_workdir)
 
 
 def test_bad_configs_fail_before_any_work(tmp_path):

@@ -37,7 +37,8 @@ def test_a_step_averages_batch_statistics_over_candidates_and_is_deterministic(t
   expected = [new_state(arch) for arch in (space.largest(), space.dense())]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected)
   trainer = supernet.SupernetTrainer(graphdef, space, archs_per_step=2,
-                                     optimizer=supernet.OptimizerSettings(warmup_steps=2, total_steps=10))
+                                     optimizer=supernet.OptimizerSettings(warmup_steps=2,
+                                                                          total_steps=10))
   runs = []
   with count_compilations() as seen:
     for _ in range(2):
@@ -49,8 +50,8 @@ def test_a_step_averages_batch_statistics_over_candidates_and_is_deterministic(t
           first_state = _copy(s)
       runs.append((_copy(p), logs))
   assert seen.of("supernet_step") == 1
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(chex_close, first_state, expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               first_state, expected)
   jax.tree.map(np.testing.assert_array_equal, runs[0][0], runs[1][0])
   assert set(runs[0][1]) >= {"loss", "cross_entropy", "aux_loss", "accuracy_largest"}
 

@@ -133,7 +133,8 @@ def test_replace_head_keeps_the_other_weights_of_every_family(resnet):
   assert new.head.kernel.shape == (32, 4)  # 64 channels x 0.5
   assert new.config == {**model.config, "num_classes": 4}
   assert model.head.kernel.shape == (32, 10) and model.config["num_classes"] == 10
-  keep = lambda m: nnx.state(m, nnx.Not(nnx.PathContains("head")))
+  def keep(m):
+    return nnx.state(m, nnx.Not(nnx.PathContains("head")))
   chex.assert_trees_all_equal(keep(new), keep(model))
   graphdef, params, state = models.split(new)
   logits = jax.eval_shape(lambda: models.apply(graphdef, params, state,
