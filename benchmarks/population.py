@@ -2,9 +2,10 @@
 
 Run: python -m benchmarks.population   (prints one JSON object; progress on stderr)
 
-The same supernet (MobileViT-V2, weights from initialisation), the same clean evaluation
-images (the first `--images` of Fashion-Tones' validation split) and the same P candidates,
-scored to the same per-candidate metrics by:
+The same supernet (by default the MobileViT-V2 of the default search, configs/default.py;
+flags override it; weights from initialisation), the same clean evaluation images (the
+Fashion-Tones validation split, 1000 images, or its first `--images`) and the same P
+candidates, scored to the same per-candidate metrics by:
 
 - vmap: `PopulationEvaluator.evaluate` (no lighting set): one jitted call per batch for all P.
 - loop: a Python loop over the candidates calling one jitted single-candidate function (the
@@ -19,10 +20,11 @@ both calls, `candidates_per_s` is the second (steady state), `candidates_per_s_w
 the first. `compilations` counts the compilations of each evaluation function over every
 candidate it scored (vmap and loop: 2P; standalone: `standalone_measured_on`);
 `xla_compilations` counts every XLA compile in each approach's timed code (small eager ops
-included). `useful_gflops` is 2 · sum over the candidates of macs(arch) · images / seconds of the steady vmap call, against
-`peak_gflops`, the best of several jitted float32 matmuls. `max_accuracy_difference` checks
-that the three agree (standalone layers have their own Switch capacity, so may differ slightly).
-The supernet build (shared by vmap and loop) is reported but not counted.
+included). `useful_gflops` is 2 · sum over the candidates of macs(arch) · images / seconds of
+the steady vmap call, against `peak_gflops`, the best of several jitted float32 matmuls.
+`max_accuracy_difference` checks that the three agree (standalone layers have their own
+Switch capacity, so may differ slightly). The supernet build (shared by vmap and loop) is
+reported but not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import default
 from moenas_jax import export, metrics, models, population, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
@@ -133,16 +136,17 @@ def _timed(fn: Callable, *args):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  search = default.get_config()
   parser.add_argument("--population", type=int, default=32)
-  parser.add_argument("--images", type=int, default=250,
-                      help="first images of the validation split (1000 in all)")
-  parser.add_argument("--batch_size", type=int, default=250)
+  parser.add_argument("--images", type=int, default=0,
+                      help="first images of the validation split; 0: all of them (1000)")
+  parser.add_argument("--batch_size", type=int, default=search.data.eval_batch_size)
   parser.add_argument("--standalone_candidates", type=int, default=4)
-  parser.add_argument("--width_multiplier", type=float, default=0.5)
-  parser.add_argument("--depths", type=int, nargs=3, default=[1, 2, 1])
-  parser.add_argument("--strides", type=int, nargs=6, default=[1, 1, 2, 2, 2, 1])
-  parser.add_argument("--max_experts", type=int, default=4)
-  parser.add_argument("--max_top_k", type=int, default=2)
+  parser.add_argument("--width_multiplier", type=float, default=search.model.width_multiplier)
+  parser.add_argument("--depths", type=int, nargs=3, default=list(search.model.depths))
+  parser.add_argument("--strides", type=int, nargs=6, default=list(search.model.strides))
+  parser.add_argument("--max_experts", type=int, default=search.model.max_experts)
+  parser.add_argument("--max_top_k", type=int, default=search.model.max_top_k)
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--matmul_repeats", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
@@ -156,17 +160,18 @@ def main() -> None:
   config = {"num_classes": NUM_CLASSES, "image_size": (28, 28), "channels": 3,
             "width_multiplier": args.width_multiplier, "depths": tuple(args.depths),
             "strides": tuple(args.strides), "max_experts": args.max_experts,
-            "max_top_k": args.max_top_k}
+            "max_top_k": args.max_top_k, "moe_settings": dict(search.model.moe_settings)}
   supernet = models.build(mobilevit.NAME, rngs=nnx.Rngs(args.seed), **config)
   graphdef, params, state = models.split(supernet)
   space = supernet.search_space()
   build_seconds = time.perf_counter() - begin
   _log(f"supernet built in {build_seconds:.1f} s: {space.num_layers} MoE layers")
   validation = fashion_tones.load("validation")
-  if not 1 <= args.images <= len(validation["label"]):
-    raise ValueError(f"--images={args.images} must be in 1..{len(validation['label'])} "
-                     f"(the validation split's size)")
-  examples = {name: values[:args.images] for name, values in validation.items()}
+  images = args.images or len(validation["label"])
+  if not 1 <= images <= len(validation["label"]):
+    raise ValueError(f"--images={args.images} must be in 0..{len(validation['label'])} "
+                     f"(the validation split's size; 0: all)")
+  examples = {name: values[:images] for name, values in validation.items()}
   first_key, second_key = jax.random.split(jax.random.key(args.seed))
   populations = [jax.tree.map(np.asarray, space.sample_population(key, args.population))
                  for key in (first_key, second_key)]
@@ -224,7 +229,7 @@ def main() -> None:
   with_compile = {name: size / seconds[name][0] for name in ("vmap", "loop")}
   with_compile["standalone"] = per_s["standalone"]
   macs = space.macs(populations[1])
-  useful = 2 * float(macs.sum()) * args.images / seconds["vmap"][1] / 1e9
+  useful = 2 * float(macs.sum()) * images / seconds["vmap"][1] / 1e9
   difference = {
       "loop": float(np.max(np.abs(accuracy["loop"] - accuracy["vmap"]))),
       "standalone": float(np.max(np.abs(np.array(standalone_accuracy)
@@ -247,7 +252,7 @@ def main() -> None:
       "useful_over_peak": round(useful / peak, 3),
       "mean_macs_per_image": int(macs.mean()),
       "max_accuracy_difference": difference,
-      "population": size, "images": args.images, "batch_size": args.batch_size,
+      "population": size, "images": images, "batch_size": args.batch_size,
       "model": {"name": mobilevit.NAME, **config, "moe_layers": space.num_layers},
       "supernet_build_s": round(build_seconds, 1),
       "matmul_size": args.matmul_size,

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
       test_split="test",  # final models and baselines only
       train_size=0,  # use a random subset of this many training examples (0: all)
       eval_size=0,  # use a random subset of the search and test splits (0: all)
-      held_train_size=500,  # training examples held for the generalization gap
+      held_train_size=250,  # training examples held for the generalization gap
       eval_batch_size=250,
   ))
 
@@ -42,13 +42,14 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.supernet = ml_collections.ConfigDict(dict(
-      steps=600, batch_size=64, archs_per_step=3, learning_rate=3e-3, weight_decay=0.05,
+      steps=400, batch_size=64, archs_per_step=3, learning_rate=3e-3, weight_decay=0.05,
       warmup_steps=50, checkpoint_every=100))
 
   config.search = ml_collections.ConfigDict(dict(
       candidates=96,  # candidates proposed in total (cycles = candidates / batch_size)
       population_size=24, tournament_size=6, batch_size=24,
       lighting_severities=(4,),  # of each lighting kind, for the search's robustness
+      robustness_size=250,  # search-split examples scored under each lighting change
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w
@@ -62,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Final training of the found model and of every baseline: the same recipe.
   config.train = ml_collections.ConfigDict(dict(
-      epochs=6, batch_size=64, learning_rate=1e-3, weight_decay=0.05, warmup_fraction=0.05))
+      epochs=5, batch_size=64, learning_rate=1e-3, weight_decay=0.05, warmup_fraction=0.05))
   config.baselines = ("mobilevit_v2_dense",)  # also: "mobilenet_v2", "resnet"
   # Test metrics of the found model and the baselines: robustness over every lighting kind at
   # these severities (all 25 perturbations by default), bootstrap intervals, optional PGD.

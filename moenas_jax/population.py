@@ -123,8 +123,12 @@ class PopulationEvaluator:
     return totals
 
   def evaluate(self, params: Any, state: Any, population: Arch, eval_examples: pipeline.Examples,
-               held_examples: pipeline.Examples | None = None) -> dict[str, np.ndarray]:
-    """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L]."""
+               held_examples: pipeline.Examples | None = None,
+               robust_examples: pipeline.Examples | None = None) -> dict[str, np.ndarray]:
+    """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L].
+
+    Robustness is measured on `robust_examples` (default: the evaluation examples).
+    """
     size = int(np.shape(population.num_experts)[0])
     if self.mesh is not None:
       population = pad_candidates(population, self.mesh.shape["pop"])
@@ -132,7 +136,8 @@ class PopulationEvaluator:
         params, state = pad_candidates((params, state), self.mesh.shape["pop"])
     summary = self._summarize(self.counts(params, state, population, eval_examples))
     if self.lighting_set:
-      robust = self._summarize(self.counts(params, state, population, eval_examples,
+      robust_examples = eval_examples if robust_examples is None else robust_examples
+      robust = self._summarize(self.counts(params, state, population, robust_examples,
                                            self.lighting_set))
       # Counts summed over equally sized perturbed copies: their accuracy is the mean accuracy.
       summary["robustness"] = robust["accuracy"]

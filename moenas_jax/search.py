@@ -54,6 +54,7 @@ class Data:
   train: pipeline.Examples
   held: pipeline.Examples
   search: pipeline.Examples
+  robust: pipeline.Examples  # the part of the search split scored under lighting changes
   test: pipeline.Examples
   class_names: tuple[str, ...]
   group_names: tuple[str, ...]
@@ -81,6 +82,8 @@ def load_data(config: Any, workdir: Path) -> Data:
   return Data(train=train,
               held=pipeline.held_train_subset(train, cfg.held_train_size, config.seed),
               search=search, test=test,
+              robust=pipeline.held_train_subset(search, config.search.robustness_size,
+                                                config.seed + 4),
               class_names=dataset.class_names, group_names=dataset.group_names,
               image_shape=dataset.image_shape)
 
@@ -242,7 +245,7 @@ def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
       while controller.cycle < cycles:
         archs = controller.ask()
         todo = controller.to_score(archs)
-        scores = evaluator.evaluate(params, state, archs, data.search, data.held)
+        scores = evaluator.evaluate(params, state, archs, data.search, data.held, data.robust)
         scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
         rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"],
                                            **rewards_of), np.float64)

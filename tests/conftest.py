@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -27,6 +28,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # 3 MoE layers of up to 3 experts, top-2; 28 -> 14 -> 7 -> 4 px; 10 classes (= configs/smoke.py).
 TINY_SUPERNET = dict(num_classes=10, image_size=(28, 28), channels=3, width_multiplier=0.25,
                      depths=(1, 1, 1), strides=(2, 1, 2, 2, 1, 1), max_experts=3, max_top_k=2)
+
+
+def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
+  """Random uint8 28x28 RGB images, labels (10 classes) and groups (2), as `read_split` gives."""
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (size, 28, 28, 3), dtype=np.uint8),
+          "label": rng.integers(0, 10, size).astype(np.int32),
+          "group": rng.integers(0, 2, size).astype(np.int32)}
+
+
+@pytest.fixture(scope="session")
+def examples():
+  """`random_examples(seed, size)`, for tests of evaluators on the tiny supernet."""
+  return random_examples
 
 
 @pytest.fixture(scope="session")

@@ -18,15 +18,7 @@ from moenas_jax.data import lighting, pipeline
 NUM_CLASSES, NUM_GROUPS = 10, 2
 
 
-def _examples(seed, size):
-  """Random 28x28 RGB images, labels and groups."""
-  rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (size, 28, 28, 3), dtype=np.uint8),
-          "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
-          "group": rng.integers(0, NUM_GROUPS, size).astype(np.int32)}
-
-
-def test_metrics_equal_a_numpy_loop_on_the_same_logits(tiny_supernet):
+def test_metrics_equal_a_numpy_loop_on_the_same_logits(tiny_supernet, examples):
   model, graphdef, params, state = tiny_supernet
   arch = model.search_space().sample(jax.random.key(3))  # a candidate of the supernet
   logits_of = jax.jit(lambda images: models.apply(graphdef, params, state, images, arch)[0])
@@ -41,7 +33,7 @@ def test_metrics_equal_a_numpy_loop_on_the_same_logits(tiny_supernet):
     return correct.mean(), np.array([correct[groups == g].mean() for g in range(NUM_GROUPS)])
 
   # 10 examples: the last batch of 8 is padded (and the bootstrap shares one compile below).
-  evaluation, held = _examples(0, 10), _examples(1, 10)
+  evaluation, held = examples(0, 10), examples(1, 10)
   result = evaluate.evaluate(graphdef, params, state, evaluation, num_classes=NUM_CLASSES,
                              num_groups=NUM_GROUPS, batch_size=8, held_examples=held,
                              bootstrap_resamples=200, arch=arch)
@@ -80,7 +72,7 @@ def resnet():
   return models.split(model)
 
 
-def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet):
+def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples):
   graphdef, params, state = resnet
   # Head kernel 0 and bias e_3: every image, clean, dimmed or attacked, is predicted class 3.
   constant = jax.tree.map(jnp.array, params)
@@ -88,12 +80,12 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet):
   head["head"] = {"kernel": np.zeros((16, NUM_CLASSES), np.float32),
                   "bias": np.eye(NUM_CLASSES, dtype=np.float32)[3]}
   nnx.replace_by_pure_dict(constant, head)
-  examples = {"image": _examples(2, 10)["image"],
-              "label": np.array([3, 3, 3, 1, 3, 0, 0, 0, 0, 2], np.int32),
-              "group": np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], np.int32)}
+  data = {"image": examples(2, 10)["image"],
+          "label": np.array([3, 3, 3, 1, 3, 0, 0, 0, 0, 2], np.int32),
+          "group": np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], np.int32)}
   evaluator = evaluate.Evaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
                                  batch_size=8, lighting_set=(("gamma", 3),), pgd_steps=1)
-  result = evaluator.evaluate(constant, state, examples, held_examples=examples,
+  result = evaluator.evaluate(constant, state, data, held_examples=data,
                               bootstrap_resamples=200)
   # Group 0: 3 of 4 are class 3; group 1: 1 of 6.
   np.testing.assert_allclose(result["accuracy"], 0.4, atol=1e-6)
@@ -121,8 +113,8 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet):
 
   attack_key = jax.random.split(jax.random.key(5))[1]
   correct = sum(int(attacked_correct(batch, jax.random.fold_in(attack_key, b)))
-                for b, batch in enumerate(pipeline.eval_batches(examples, 8)))
-  result = evaluator.evaluate(params, state, examples, bootstrap_resamples=0, seed=5)
+                for b, batch in enumerate(pipeline.eval_batches(data, 8)))
+  result = evaluator.evaluate(params, state, data, bootstrap_resamples=0, seed=5)
   np.testing.assert_allclose(result["adversarial_accuracy"], correct / 10, atol=1e-6)
   assert "bootstrap" not in result and "train_accuracy" not in result
 
@@ -135,11 +127,11 @@ def test_model_costs_of_a_standalone_candidate_match_the_search_space(tiny_super
                                          "macs": int(space.macs(space.dense()))}
 
 
-def test_bad_arguments_are_refused_before_any_compile(tiny_supernet):
+def test_bad_arguments_are_refused_before_any_compile(tiny_supernet, examples):
   graphdef = tiny_supernet[1]
   with pytest.raises(ValueError, match="unknown lighting kinds \\['glare'\\]"):
     evaluate.Evaluator(graphdef, num_classes=10, num_groups=2, batch_size=8,
                        lighting_set=(("glare", 1),))
   evaluator = evaluate.Evaluator(graphdef, num_classes=10, num_groups=2, batch_size=8)
   with pytest.raises(ValueError, match="at least one example"):
-    evaluator.evaluate(None, None, jax.tree.map(lambda v: v[:0], _examples(0, 1)))
+    evaluator.evaluate(None, None, jax.tree.map(lambda v: v[:0], examples(0, 1)))

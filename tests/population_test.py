@@ -16,15 +16,7 @@ from moenas_jax.data import lighting
 NUM_CLASSES, NUM_GROUPS = 10, 2
 
 
-def _examples(seed, size):
-  """Random images, labels and groups (the tiny supernet's 28x28 RGB)."""
-  rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (size, 28, 28, 3), dtype=np.uint8),
-          "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
-          "group": rng.integers(0, NUM_GROUPS, size).astype(np.int32)}
-
-
-def test_population_metrics_equal_a_per_candidate_loop_and_compile_once(tiny_supernet):
+def test_population_metrics_equal_a_per_candidate_loop_and_compile_once(tiny_supernet, examples):
   model, graphdef, params, state = tiny_supernet
   logits_of = jax.jit(lambda arch, images: models.apply(graphdef, params, state, images, arch)[0])
 
@@ -38,7 +30,7 @@ def test_population_metrics_equal_a_per_candidate_loop_and_compile_once(tiny_sup
     return correct.mean(), np.array([correct[groups == g].mean() for g in range(NUM_GROUPS)])
 
   space = model.search_space()
-  evaluation, held = _examples(0, 21), _examples(1, 21)  # 21: the last batch of 8 is padded
+  evaluation, held = examples(0, 21), examples(1, 21)  # 21: the last batch of 8 is padded
   lighting_set = (("gamma", 3), ("contrast", 5))
   evaluator = population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES,
                                              num_groups=NUM_GROUPS, batch_size=8,
@@ -83,15 +75,15 @@ _SHARDED_SCRIPT = """
 import json, jax, numpy as np
 from flax import nnx
 from moenas_jax import models, population
-from tests.conftest import TINY_SUPERNET
-from tests.population_test import NUM_CLASSES, NUM_GROUPS, _examples
+from tests.conftest import TINY_SUPERNET, random_examples
+from tests.population_test import NUM_CLASSES, NUM_GROUPS
 assert jax.device_count() == 8, jax.devices()
 model = models.build("mobilevit_v2", rngs=nnx.Rngs(0), **TINY_SUPERNET)
 graphdef, params, state = models.split(model)
 archs = model.search_space().sample_population(jax.random.key(3), 6)  # 6: padded to 8
 settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
                 lighting_set=(("brightness", 2),))
-data = (_examples(0, 21), _examples(1, 10))
+data = (random_examples(0, 21), random_examples(1, 10))
 mesh = population.make_mesh(data_parallel=2)  # 'pop' 4 x 'data' 2
 sharded = population.PopulationEvaluator(graphdef, mesh=mesh, **settings)
 single = population.PopulationEvaluator(graphdef, **settings)
