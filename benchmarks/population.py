@@ -91,8 +91,8 @@ def _standalone(supernet, arch: search_space.Arch, summarize, examples,
   graphdef, params, state = models.split(export.standalone(supernet, arch))
   exported = time.perf_counter() - start
 
-  def forward(weights, images):
-    return models.apply(graphdef, *weights, images)[0]
+  def forward(weights, pixels):
+    return models.apply(graphdef, *weights, pixels)[0]
 
   batches = list(pipeline.eval_batches(examples, batch_size))
   accuracy = _score(_counts_fn(forward), summarize, (params, state), batches)["accuracy"]
@@ -184,9 +184,9 @@ def main() -> None:
   def score_vmap(pop):
     return evaluator.evaluate(params, state, pop, examples)["accuracy"]
 
-  def forward(weights, images):  # (b): one candidate, its arch traced
+  def forward(weights, pixels):  # (b): one candidate, its arch traced
     candidate_params, candidate_state, arch = weights
-    return models.apply(graphdef, candidate_params, candidate_state, images, arch)[0]
+    return models.apply(graphdef, candidate_params, candidate_state, pixels, arch)[0]
 
   counts_fn, summarize = _counts_fn(forward), jax.jit(metrics.summarize)
 
