@@ -2,9 +2,12 @@ r"""The default search: Fashion-Tones (embedded, 28x28 RGB, 2 tone groups) on a 
 
     python -m launch.search --workdir=runs/demo
 
-Finishes in under 10 minutes on 2 CPU cores and ends with the results table (found model vs
-the dense MobileViT-V2 of the same width: accuracy, disparity with its 95% interval, worst
-group, robustness, params, MACs); everything lands in runs/demo/results/.
+Ends with the results table (found model vs the dense MobileViT-V2 of the same width:
+accuracy, disparity with its 95% interval, worst group, robustness, params, MACs); everything
+lands in runs/demo/results/. Measured: 16.9 min on a 2-core CPU shared with other jobs
+(supernet 6.4 min, search 2.4, pruning and test evaluation 1.9, final training 2.7, baseline
+2.7); found model 75.6% accuracy, disparity 11.3 points [7.6, 15.0] vs dense 76.1%, 12.5
+[8.6, 16.3]. The target is 10 minutes on a quiet 2-core CPU.
 Override any field from the command line, e.g. `--config.search.candidates=64`.
 """
 
