@@ -9,7 +9,10 @@ kernel) inherit through JAX_COMPILATION_CACHE_DIR, so only the first of them com
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import jax
 import numpy as np
@@ -42,6 +45,34 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
 def examples():
   """`random_examples(seed, size)`, for tests of evaluators on the tiny supernet."""
   return random_examples
+
+
+def check_opens_without_tensorflow(tmp_path, name: str, **options) -> None:
+  """Opens (and reads) a prepared dataset in a fresh process whose `tensorflow` is a stub that
+  records any import: TFDS and etils would use it if they imported TensorFlow, as they might
+  where the [tf] extra is installed."""
+  stub = tmp_path / "stub" / "tensorflow"
+  stub.mkdir(parents=True)
+  marker = tmp_path / "imported"
+  (stub / "__init__.py").write_text(
+      f"open({str(marker)!r}, 'w').close()\nraise ImportError('stub tensorflow')\n")
+  script = textwrap.dedent(f"""
+      import sys
+      from moenas_jax import data
+      dataset = data.open_dataset({name!r}, {str(tmp_path / "tfds")!r}, **{options!r})
+      dataset.splits["train"][0]
+      assert "tensorflow" not in sys.modules
+  """)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(stub.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+  assert not marker.exists()
+
+
+@pytest.fixture(scope="session")
+def opens_without_tensorflow():
+  """`check_opens_without_tensorflow(tmp_path, name, **options)`."""
+  return check_opens_without_tensorflow
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,6 @@
 """Tests of the dataset table and the TF-free read path."""
 
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -35,25 +31,8 @@ def test_fashion_tones_prepares_and_reads_every_split(tmp_path):
   assert len(data.open_dataset("fashion_tones", tmp_path).splits["train"]) == 5000
 
 
-def test_reading_never_imports_tensorflow(tmp_path):
-  # A stub `tensorflow` on the path that records any import: TFDS and etils would use it if
-  # they imported TensorFlow, as they might where the [tf] extra is installed.
-  stub = tmp_path / "stub" / "tensorflow"
-  stub.mkdir(parents=True)
-  marker = tmp_path / "imported"
-  (stub / "__init__.py").write_text(
-      f"open({str(marker)!r}, 'w').close()\nraise ImportError('stub tensorflow')\n")
-  script = textwrap.dedent(f"""
-      import sys
-      from moenas_jax import data
-      dataset = data.open_dataset("fashion_tones", {str(tmp_path / "tfds")!r})
-      dataset.splits["train"][0]
-      assert "tensorflow" not in sys.modules
-  """)
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-      [str(stub.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-  subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
-  assert not marker.exists()
+def test_reading_never_imports_tensorflow(tmp_path, opens_without_tensorflow):
+  opens_without_tensorflow(tmp_path, "fashion_tones")
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
