@@ -28,7 +28,7 @@ def setup() -> None:
     jax.distributed.initialize()
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   logging.set_verbosity(logging.WARNING)
   handler = pylogging.StreamHandler(sys.stderr)
   handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -123,9 +123,19 @@ class SupernetTrainer:
 
 
 def check_finite(logs: dict[str, Any], step: int) -> None:
-  """Stops training with a message naming the step when the loss is not finite."""
+  """Stops training, naming the step, at a non-finite loss or gradient norm.
+
+  Both poison the weights from this step on. The gradient matters on its own: a NaN input can
+  leave the loss finite (XLA:CPU's max-based activations map NaN to 0 in the forward pass)
+  while its gradient is NaN.
+  """
   loss = float(logs["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(
-        f"supernet loss is {loss} at step {step}; lower the learning rate or raise the warmup "
+        f"loss is {loss} at step {step}; lower the learning rate or raise the warmup "
         f"(the last good checkpoint is kept in the workdir)")
+  if "grad_norm" in logs and not np.isfinite(float(logs["grad_norm"])):
+    raise FloatingPointError(
+        f"gradient norm is {float(logs['grad_norm'])} at step {step} (loss {loss}); check that "
+        f"step's batch for NaN or infinite inputs, or lower the learning rate (the last good "
+        f"checkpoint is kept in the workdir)")

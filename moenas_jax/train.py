@@ -142,7 +142,7 @@ class Trainer:
         logs.append(step_logs)
       logs = jax.device_get(logs)
       for i, step_logs in enumerate(logs):
-        _check_finite(step_logs, first + i)
+        supernet.check_finite(step_logs, first + i)
       seconds = time.perf_counter() - start
       history.append({"epoch": epoch + 1, **{name: float(np.mean([entry[name] for entry in logs]))
                                              for name in logs[0]}})
@@ -152,19 +152,6 @@ class Trainer:
       log(f"epoch {epoch + 1}/{self.settings.epochs}: loss {history[-1]['loss']:.4f}, "
           f"accuracy {history[-1]['accuracy']:.3f}, {len(logs) / seconds:.1f} steps/s")
     return params, state, history
-
-
-def _check_finite(logs: dict[str, Any], step: int) -> None:
-  """Stops at a non-finite loss, or gradient: both poison the weights from this step on.
-
-  The gradient check matters: a NaN input can leave the loss finite (XLA:CPU's max-based
-  activations map NaN to 0 in the forward pass) while its gradient is NaN.
-  """
-  supernet.check_finite(logs, step)
-  if not np.isfinite(logs["grad_norm"]):
-    raise FloatingPointError(
-        f"gradient norm is {logs['grad_norm']} at step {step} (loss {logs['loss']}); check "
-        f"that step's batch for NaN or infinite inputs, or lower the learning rate")
 
 
 def _check_same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:

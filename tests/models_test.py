@@ -9,7 +9,7 @@ from flax import nnx
 
 from moenas_jax import costs, models, search_space
 from moenas_jax.compilation import count_compilations
-from moenas_jax.models import mobilevit
+from moenas_jax.models import layers, mobilevit
 
 SMALL = {
     "mobilevit_v2": dict(width_multiplier=0.25, depths=(1, 1, 1), max_experts=4, max_top_k=2),
@@ -59,6 +59,21 @@ def test_training_updates_batch_norm_statistics_and_has_gradients(name):
   assert not any(jax.tree.leaves(jax.tree.map(jnp.array_equal, state, new_state)))
   _, eval_state, _ = jax.jit(lambda p, s: models.apply(graphdef, p, s, images))(params, state)
   chex.assert_trees_all_equal(eval_state, state)
+
+
+@pytest.mark.parametrize("size, stride", [(7, 1), (7, 2), (8, 2), (5, 2)])
+def test_depthwise_conv_equals_the_grouped_convolution_and_its_gradient(size, stride):
+  conv = nnx.Conv(3, 3, (3, 3), strides=stride, padding="SAME", feature_group_count=3,
+                  use_bias=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, size, size + 1, 3))
+  kernel = conv.kernel[...]
+  grouped = lambda x, k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=3)))
+  shifted = lambda x, k: jnp.sum(jnp.sin(layers.depthwise_conv(x, k, stride)))  # noqa: E731
+  np.testing.assert_allclose(layers.depthwise_conv(x, kernel, stride), conv(x), atol=1e-5)
+  for want, got in zip(jax.grad(grouped, (0, 1))(x, kernel), jax.grad(shifted, (0, 1))(x, kernel)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_full_depth_supernet_has_nine_moe_layers():

@@ -85,3 +85,6 @@ def test_bad_settings_and_a_nan_loss_are_refused(tiny_supernet):
     supernet.OptimizerSettings(warmup_steps=20, total_steps=10)
   with pytest.raises(FloatingPointError, match="at step 7"):
     supernet.check_finite({"loss": np.float32("nan")}, 7)
+  with pytest.raises(FloatingPointError, match="gradient norm is inf at step 9"):
+    supernet.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32("inf")}, 9)
+  supernet.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32(0.5)}, 10)

@@ -28,8 +28,31 @@ def out_size(size: int, stride: int) -> int:
   return math.ceil(size / stride)
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """SAME-padded depthwise convolution of x [B, H, W, C] by kernel [k, k, 1, C].
+
+  Computed as k · k strided, shifted multiply-adds, which XLA fuses into one loop: on XLA:CPU
+  that runs several times faster than the grouped `conv_general_dilated` (forward and
+  gradient), with the same result as `nnx.Conv(..., feature_group_count=C, padding="SAME")`.
+  """
+  batch, height, width, channels = x.shape
+  size = kernel.shape[0]
+  pads = jax.lax.padtype_to_pads((height, width), (size, size), (stride, stride), "SAME")
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  rows, cols = out_size(height, stride), out_size(width, stride)
+  out = None
+  for i in range(size):
+    for j in range(size):
+      window = jax.lax.slice(x, (0, i, j, 0),
+                             (batch, i + stride * (rows - 1) + 1, j + stride * (cols - 1) + 1,
+                              channels), (1, stride, stride, 1))
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
 class ConvBN(nnx.Module):
-  """Conv (no bias) → BatchNorm → optional activation."""
+  """Conv (no bias) → BatchNorm → optional activation; depthwise convs via `depthwise_conv`."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
                groups: int = 1, activation: str | None = "relu", rngs: nnx.Rngs):
@@ -41,7 +64,9 @@ class ConvBN(nnx.Module):
     self.in_channels, self.out_channels = in_channels, out_channels
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = self.norm(self.conv(x), use_running_average=not train)
+    depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+    x = depthwise_conv(x, self.conv.kernel[...], self.stride) if depthwise else self.conv(x)
+    x = self.norm(x, use_running_average=not train)
     return ACTIVATIONS[self.activation](x) if self.activation else x
 
   def macs(self, height: int, width: int) -> int:
