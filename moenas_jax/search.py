@@ -11,6 +11,7 @@ ends with the same results as an uninterrupted run (every key comes from `config
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import os
 import time
@@ -31,6 +32,7 @@ from moenas_jax import (
   metrics,
   models,
   population,
+  proxy,
   prune,
   report,
   reward,
@@ -44,7 +46,8 @@ from moenas_jax.data import lighting, open_dataset, pipeline
 # Config keys a later `run_baselines` may change in a finished workdir.
 _BASELINE_KEYS = (*checkpoint.IGNORED_CONFIG_KEYS, "baselines")
 # The jitted functions whose compilations the summary reports.
-_COMPILED = ("supernet_step", "population_counts", "train_step", "logits", "usage_counts")
+_COMPILED = ("supernet_step", "proxy_step", "population_counts", "train_step", "logits",
+             "usage_counts")
 
 
 @dataclasses.dataclass
@@ -105,11 +108,16 @@ def validate(config: Any) -> None:
   """Checks the settings that fail late otherwise; raises ValueError naming the field."""
   checks = [("supernet.steps", config.supernet.steps, 1),
             ("search.candidates", config.search.candidates, config.search.batch_size),
+            ("search.proxy_steps", config.search.proxy_steps, 0),
+            ("search.proxy_batch_size", config.search.proxy_batch_size, 1),
             ("train.epochs", config.train.epochs, 1),
             ("data.held_train_size", config.data.held_train_size, 1)]
   for name, value, minimum in checks:
     if value < minimum:
       raise ValueError(f"config.{name}={value} must be at least {minimum}")
+  if not config.search.proxy_learning_rate > 0:
+    raise ValueError(f"config.search.proxy_learning_rate={config.search.proxy_learning_rate} "
+                     f"must be positive")
   if config.supernet.batch_size % jax.device_count():
     raise ValueError(f"config.supernet.batch_size={config.supernet.batch_size} must be a "
                      f"multiple of the {jax.device_count()} devices (data parallel)")
@@ -220,16 +228,25 @@ def _reward_settings(config: Any) -> dict[str, Any]:
 def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
                   space: search_space.SearchSpace, data: Data, workdir: Path,
                   log: Callable[[str], None]) -> list[dict]:
-  """Regularized evolution scored by the population evaluator; returns the candidate records."""
+  """Regularized evolution scored by the population evaluator; returns the candidate records.
+
+  With `search.proxy_steps` > 0, each cycle's candidates are scored on their own proxy
+  fine-tuned weight copies (`proxy.ProxyTuner`, key `fold_in(fold_in(key(seed), 2), cycle)`).
+  """
   cfg = config.search
   settings = evolution.EvolutionSettings(population_size=cfg.population_size,
                                          tournament_size=cfg.tournament_size,
                                          batch_size=cfg.batch_size, seed=config.seed)
+  tuner = proxy.ProxyTuner(graphdef, proxy.ProxySettings(
+      steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size,
+      learning_rate=cfg.proxy_learning_rate)) if cfg.proxy_steps else None
+  proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   evaluator = population.PopulationEvaluator(
       graphdef, num_classes=len(data.class_names), num_groups=len(data.group_names),
       batch_size=config.data.eval_batch_size,
       lighting_set=_lighting_set(cfg.lighting_severities),
-      mesh=population.make_mesh() if jax.device_count() > 1 else None)
+      mesh=population.make_mesh() if jax.device_count() > 1 else None,
+      per_candidate_weights=tuner is not None)
   rewards_of = _reward_settings(config)
   cycles = cfg.candidates // cfg.batch_size
   log_path = workdir / "results" / "candidates.jsonl"
@@ -245,7 +262,13 @@ def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
       while controller.cycle < cycles:
         archs = controller.ask()
         todo = controller.to_score(archs)
-        scores = evaluator.evaluate(params, state, archs, data.search, data.held, data.robust)
+        weights, tuned = (params, state), ""
+        if tuner is not None:
+          *weights, logs = tuner.tune(params, state, archs, data.train,
+                                      jax.random.fold_in(proxy_key, controller.cycle))
+          tuned = (f", proxy loss {logs['loss'][0].mean():.3f} → "
+                   f"{logs['loss'][-1].mean():.3f}")
+        scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
         scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
         rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"],
                                            **rewards_of), np.float64)
@@ -259,7 +282,7 @@ def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
         checkpoints.save(controller.cycle, None, {"evolution": controller.state_dict(),
                                                    "logged": logged})
         best_arch, best_reward = controller.best()
-        progress(cycle + 1, f"{logged} scored, best reward {best_reward:.4f}")
+        progress(cycle + 1, f"{logged} scored, best reward {best_reward:.4f}{tuned}")
   return report.read_candidates(log_path)
 
 
@@ -375,6 +398,9 @@ def run_search(config: Any, workdir: str | os.PathLike,
     log(f"[data] {config.data.name}: {len(data.train['label'])} train, "
         f"{len(data.search['label'])} {config.data.search_split}, {len(data.test['label'])} "
         f"{config.data.test_split}; groups {', '.join(data.group_names)}")
+    if config.search.proxy_steps and config.search.proxy_batch_size > len(data.train["label"]):
+      raise ValueError(f"config.search.proxy_batch_size={config.search.proxy_batch_size} "
+                       f"exceeds the {len(data.train['label'])} training examples")
     supernet_model = build_supernet(config, data)
     space = supernet_model.search_space()
     reward.check_budget(space, config.reward.param_budget, config.reward.mac_budget)
@@ -400,8 +426,11 @@ def run_search(config: Any, workdir: str | os.PathLike,
     evaluator = _test_evaluator(config, graphdef, data)
     before = _evaluate(config, evaluator, params, state, data, arch=found)
     before.update(params=int(space.params(found)), macs=int(space.macs(found)))
-    after = _evaluate(config, evaluator, pruned_params, state, data, arch=pruned_arch)
-    after.update(params=int(space.params(pruned_arch)), macs=int(space.macs(pruned_arch)))
+    if any(layer["removed"] for layer in pruning):
+      after = _evaluate(config, evaluator, pruned_params, state, data, arch=pruned_arch)
+      after.update(params=int(space.params(pruned_arch)), macs=int(space.macs(pruned_arch)))
+    else:  # nothing removed: the same weights and arch, so the same results
+      after = copy.deepcopy(before)
     log(f"[prune] {search_space.to_dict(found)} → {search_space.to_dict(pruned_arch)}: params "
         f"{before['params']:,} → {after['params']:,}")
     lap("prune")

@@ -65,3 +65,19 @@ def test_held_train_subset_is_fixed_by_the_seed():
   np.testing.assert_array_equal(a["image"], b["image"])
   assert not np.array_equal(a["image"], c["image"])
   assert len(pipeline.held_train_subset(examples, 500, seed=3)["label"]) == 100
+
+
+def test_sampled_batches_are_fixed_by_the_seed_and_reshuffle_each_pass():
+  examples = _examples()
+  batches = list(pipeline.sampled_batches(examples, 4, 5, seed=[3, 4]))
+  again = list(pipeline.sampled_batches(examples, 4, 5, seed=[3, 4]))
+  other = list(pipeline.sampled_batches(examples, 4, 5, seed=[3, 5]))
+  ids = [(b["image"][:, 0, 0, 0] * 255).round().astype(int).tolist() for b in batches]
+  assert len(ids) == 5 and all(len(set(batch)) == 4 for batch in ids)
+  assert len(set(ids[0] + ids[1])) == 8  # one pass: 2 batches of distinct examples, 2 left
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, other))
+  assert batches[0]["label"].dtype == np.int32 and "mask" not in batches[0]
+  with pytest.raises(ValueError, match="batch_size=11 must be in 1..10"):
+    next(pipeline.sampled_batches(examples, 11, 1, seed=0))

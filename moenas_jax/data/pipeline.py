@@ -55,6 +55,25 @@ def train_batches(examples: Examples, batch_size: int, seed: int,
     yield _batch(examples, order[start:start + batch_size])
 
 
+def sampled_batches(examples: Examples, batch_size: int, num_batches: int,
+                    seed: int | Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
+  """`num_batches` shuffled full batches of distinct examples, a function of `seed` only.
+
+  Like `train_batches` over consecutive epochs, but any number of batches and any seed
+  NumPy accepts (e.g. a JAX key's data): each pass is a fresh shuffle whose remainder is dropped.
+  """
+  size = len(examples["label"])
+  if not 0 < batch_size <= size:
+    raise ValueError(f"batch_size={batch_size} must be in 1..{size} (the split's size)")
+  rng = np.random.default_rng(seed)
+  order = np.zeros(0, np.int64)
+  for _ in range(num_batches):
+    if len(order) < batch_size:
+      order = rng.permutation(size)
+    yield _batch(examples, order[:batch_size])
+    order = order[batch_size:]
+
+
 def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Every example once, in order, in batches of exactly batch_size with a validity mask."""
   if batch_size < 1:
