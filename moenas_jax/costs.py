@@ -1,7 +1,8 @@
 """Parameter and MAC counts measured on real models (not from formulas).
 
 `count_macs` traces a function and adds up the multiply-accumulates of every matmul
-(`dot_general`) and convolution in its jaxpr, so it counts what the code really computes.
+(`dot_general`) and convolution in its jaxpr (also `layers.depthwise_conv`, a convolution
+computed as shifted multiply-adds), so it counts what the code really computes.
 Elementwise work (norms, activations, residual adds, pooling) is not counted, as in the
 usual MAC figures of edge models. A scan counts its body `length` times, a cond its costliest
 branch; while loops are refused. Counts cover the whole call: pass one image for per-image MACs.
@@ -43,6 +44,9 @@ def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
       kernel = eqn.invars[1].aval.shape
       out_channels = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
       total += math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) // out_channels
+    elif eqn.params.get("name") == "depthwise_conv":  # layers.depthwise_conv, a jitted call
+      kernel = eqn.invars[1].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * kernel[0] * kernel[1]
     elif eqn.primitive.name == "scan":
       total += eqn.params["length"] * _jaxpr_macs(eqn.params["jaxpr"].jaxpr)
     elif eqn.primitive.name == "cond":
