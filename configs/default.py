@@ -4,10 +4,10 @@ r"""The default search: Fashion-Tones (embedded, 28x28 RGB, 2 tone groups) on a 
 
 Ends with the results table (found model vs the dense MobileViT-V2 of the same width:
 accuracy, disparity with its 95% interval, worst group, robustness, params, MACs); everything
-lands in runs/demo/results/. Measured: 16.9 min on a 2-core CPU shared with other jobs
-(supernet 6.4 min, search 2.4, pruning and test evaluation 1.9, final training 2.7, baseline
-2.7); found model 75.6% accuracy, disparity 11.3 points [7.6, 15.0] vs dense 76.1%, 12.5
-[8.6, 16.3]. The target is 10 minutes on a quiet 2-core CPU.
+lands in runs/demo/results/. Measured on a quiet 2-core CPU with an empty XLA cache: 5.8 min
+(supernet 2.2 min, search 0.9, pruning and test evaluation 0.3, final training 1.1, baseline
+0.9); found model 74.3% accuracy, disparity 16.9 points [13.1, 20.8] vs dense 73.7%, 17.7
+[13.9, 21.7].
 Override any field from the command line, e.g. `--config.search.candidates=64`.
 """
 
