@@ -26,6 +26,7 @@ the standard error of one accuracy on the search split, the range of standalone 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -50,7 +51,6 @@ from moenas_jax import (
   search_space,
   train,
 )
-from moenas_jax.data import lighting
 
 # Sections of the config that the supernet checkpoint depends on.
 _SUPERNET_KEYS = ("seed", "data", "model", "supernet")
@@ -83,23 +83,10 @@ def spread_candidates(space: search_space.SearchSpace, key: jax.Array,
   return search_space.stack([unique[i] for i in picks])
 
 
-def _rewards(config, scores: dict, archs: search_space.Arch,
-             space: search_space.SearchSpace) -> np.ndarray:
-  cfg = config.reward
-  weights = reward.RewardWeights(disparity=cfg.disparity, robustness=cfg.robustness,
-                                 gap=cfg.gap, worst_cell=cfg.worst_cell)
-  return np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
-                                  weights=weights, param_budget=cfg.param_budget,
-                                  mac_budget=cfg.mac_budget), np.float64)
-
-
 def _standalone(config, supernet_model, arch, data, lighting_set, epochs: int) -> dict:
   """Search metrics of one candidate trained stand-alone for `epochs` epochs."""
   graphdef, params, state = models.split(export.standalone(supernet_model, arch))
-  cfg = config.train
-  settings = train.TrainSettings(epochs=epochs, batch_size=cfg.batch_size,
-                                 learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                 warmup_fraction=cfg.warmup_fraction)
+  settings = dataclasses.replace(search._train_settings(config), epochs=epochs)
   params, state, _ = train.train(graphdef, params, state, data.train, settings=settings,
                                  seed=config.seed, log=_log)
   evaluator = evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
@@ -156,8 +143,7 @@ def main() -> None:
   clock = lap("data_and_supernet", begin)
 
   # --- (a) shared weights, (b) proxy fine-tuned copies ----------------------------------------
-  lighting_set = [(kind, severity) for kind in lighting.KINDS
-                  for severity in config.search.lighting_severities]
+  lighting_set = search._lighting_set(config.search.lighting_severities)
   evaluator_settings = dict(num_classes=len(data.class_names),
                             num_groups=len(data.group_names),
                             batch_size=config.data.eval_batch_size, lighting_set=lighting_set)
@@ -191,7 +177,9 @@ def main() -> None:
   clock = lap("standalone", clock)
 
   # --- Rankings ---------------------------------------------------------------------------------
-  rewards = {name: _rewards(config, scores, archs, space) for name, scores in results.items()}
+  rewards = {name: np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
+                                            **search._reward_settings(config)), np.float64)
+             for name, scores in results.items()}
   truth = results["standalone"]
   def taus(name: str, reference: str) -> dict[str, float]:
     return {"accuracy": round(kendall_tau(results[name]["accuracy"],
