@@ -7,7 +7,8 @@ flags override it; weights from initialisation), the same clean evaluation image
 Fashion-Tones validation split, 1000 images, or its first `--images`) and the same P
 candidates, scored to the same per-candidate metrics by:
 
-- vmap: `PopulationEvaluator.evaluate` (no lighting set): one jitted call per batch for all P.
+- vmap: `PopulationEvaluator.evaluate` (no lighting set): one jitted call per batch for all P,
+  vmapped in chunks of `--chunk_size` candidates as the search does (0: all P in one vmap).
 - loop: a Python loop over the candidates calling one jitted single-candidate function (the
   arch is traced, so it compiles once).
 - standalone: per candidate, `export.standalone` builds a model with the candidate's own
@@ -142,6 +143,8 @@ def main() -> None:
                       help="first images of the validation split; 0: all of them (1000)")
   parser.add_argument("--batch_size", type=int, default=search.data.eval_batch_size)
   parser.add_argument("--standalone_candidates", type=int, default=4)
+  parser.add_argument("--chunk_size", type=int, default=search.search.chunk_size,
+                      help="candidates vmapped at once (0: all)")
   parser.add_argument("--width_multiplier", type=float, default=search.model.width_multiplier)
   parser.add_argument("--depths", type=int, nargs=3, default=list(search.model.depths))
   parser.add_argument("--strides", type=int, nargs=6, default=list(search.model.strides))
@@ -179,7 +182,7 @@ def main() -> None:
   # --- (a) vmap and (b) loop, in turns: first population (compiles), then the second ----------
   evaluator = population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES,
                                              num_groups=NUM_GROUPS, batch_size=args.batch_size,
-                                             lighting_set=())
+                                             lighting_set=(), chunk_size=args.chunk_size or None)
 
   def score_vmap(pop):
     return evaluator.evaluate(params, state, pop, examples)["accuracy"]
@@ -253,6 +256,7 @@ def main() -> None:
       "mean_macs_per_image": int(macs.mean()),
       "max_accuracy_difference": difference,
       "population": size, "images": images, "batch_size": args.batch_size,
+      "chunk_size": args.chunk_size,
       "model": {"name": mobilevit.NAME, **config, "moe_layers": space.num_layers},
       "supernet_build_s": round(build_seconds, 1),
       "matmul_size": args.matmul_size,

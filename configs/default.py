@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Proxy fine-tuning: each candidate's own copy of the supernet weights gets this many
       # SGD steps (momentum 0.9) before scoring, all candidates in one vmapped step; 0 = off.
       proxy_steps=0, proxy_batch_size=64, proxy_learning_rate=0.003,
+      # Candidates vmapped at once; a cycle's batch is scored in chunks of at most this many
+      # inside one compiled call (on a 2-core CPU about 30% faster than all 24 at once,
+      # whose activations fall out of cache). 0: all at once, as suits accelerators.
+      chunk_size=8,
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w

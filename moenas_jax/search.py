@@ -110,6 +110,7 @@ def validate(config: Any) -> None:
             ("search.candidates", config.search.candidates, config.search.batch_size),
             ("search.proxy_steps", config.search.proxy_steps, 0),
             ("search.proxy_batch_size", config.search.proxy_batch_size, 1),
+            ("search.chunk_size", config.search.chunk_size, 0),
             ("train.epochs", config.train.epochs, 1),
             ("data.held_train_size", config.data.held_train_size, 1)]
   for name, value, minimum in checks:
@@ -246,7 +247,7 @@ def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
       batch_size=config.data.eval_batch_size,
       lighting_set=_lighting_set(cfg.lighting_severities),
       mesh=population.make_mesh() if jax.device_count() > 1 else None,
-      per_candidate_weights=tuner is not None)
+      per_candidate_weights=tuner is not None, chunk_size=cfg.chunk_size or None)
   rewards_of = _reward_settings(config)
   cycles = cfg.candidates // cfg.batch_size
   log_path = workdir / "results" / "candidates.jsonl"

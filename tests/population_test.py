@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from moenas_jax import models, population, search_space
+from configs import smoke
+from moenas_jax import models, population, search, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting
 
@@ -62,6 +64,45 @@ def test_padding_candidates_repeats_the_last_one():
   assert population.pad_candidates(arch, 3).num_experts.shape == (3, 2)
 
 
+@pytest.mark.parametrize("size, chunk_size, shards, expected", [
+    (32, 8, 1, (4, 32)),  # 4 chunks of 8
+    (20, 8, 1, (3, 21)),  # ceil(20 / 8) = 3 chunks of ceil(20 / 3) = 7: one padded candidate
+    (12, 8, 1, (2, 12)),  # 2 chunks of 6, not 8 + 4 padded
+    (6, None, 4, (1, 8)),  # one chunk, padded to the 4 'pop' shards
+    (32, 8, 4, (4, 32)),  # chunks of 8 = 2 per shard
+    (8, 3, 4, (2, 8)),  # a chunk holds at least one candidate per shard
+])
+def test_chunking_pads_the_fewest_candidates(size, chunk_size, shards, expected):
+  assert population.chunking(size, chunk_size, shards) == expected
+
+
+def test_chunked_vmap_equals_vmap_in_candidate_order():
+  def fn(weights, x, arch):
+    return {"y": weights * x + arch, "z": arch[None] * 2}
+
+  weights, x, archs = np.float32(3), np.arange(4, dtype=np.float32), np.arange(6.0)
+  expected = jax.vmap(fn, in_axes=(None, None, 0))(weights, x, archs)
+  chunked = population.chunked_vmap(fn, 3, (None, None, 0))(weights, x, archs)
+  chex.assert_trees_all_close(chunked, expected)
+  chex.assert_shape(chunked["y"], (6, 4))
+
+
+def test_chunked_evaluator_equals_one_vmap_and_compiles_once(tiny_supernet, examples):
+  _, graphdef, params, state = tiny_supernet
+  settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
+                  lighting_set=(("gamma", 3),))
+  archs = tiny_supernet[0].search_space().sample_population(jax.random.key(4), 5)
+  data = (examples(0, 16), examples(1, 8))
+  whole = population.PopulationEvaluator(graphdef, **settings).evaluate(params, state, archs,
+                                                                        *data)
+  chunked = population.PopulationEvaluator(graphdef, chunk_size=2, **settings)
+  with count_compilations() as seen:
+    results = chunked.evaluate(params, state, archs, *data)  # 3 chunks of 2, one padded
+  assert seen.of("population_counts") == 1
+  assert results["accuracy"].shape == (5,)
+  chex.assert_trees_all_close(results, whole, atol=1e-6)
+
+
 def test_bad_settings_are_refused(tiny_supernet):
   _, graphdef, _, _ = tiny_supernet
   with pytest.raises(ValueError, match="unknown lighting kinds \\['fog'\\]"):
@@ -69,6 +110,13 @@ def test_bad_settings_are_refused(tiny_supernet):
                                    lighting_set=(("fog", 1),))
   with pytest.raises(ValueError, match="data_parallel=3 must divide the 2 devices"):
     population.make_mesh(jax.devices() * 2, data_parallel=3)
+  with pytest.raises(ValueError, match="chunk_size=0 must be positive"):
+    population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=2, batch_size=8,
+                                   chunk_size=0)
+  config = smoke.get_config()
+  config.search.chunk_size = -1  # 0 is valid in a config: all candidates at once
+  with pytest.raises(ValueError, match="config.search.chunk_size=-1 must be at least 0"):
+    search.validate(config)
 
 
 _SHARDED_SCRIPT = """
@@ -85,10 +133,12 @@ settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
                 lighting_set=(("brightness", 2),))
 data = (random_examples(0, 21), random_examples(1, 10))
 mesh = population.make_mesh(data_parallel=2)  # 'pop' 4 x 'data' 2
+# 6 candidates, padded to 8: one vmap of 8 (2 per device) and 2 chunks of 4 (1 per device).
 sharded = population.PopulationEvaluator(graphdef, mesh=mesh, **settings)
+chunked = population.PopulationEvaluator(graphdef, mesh=mesh, chunk_size=4, **settings)
 single = population.PopulationEvaluator(graphdef, **settings)
-out = {name: [sharded.evaluate(params, state, archs, *data)[name].tolist(),
-              single.evaluate(params, state, archs, *data)[name].tolist()]
+results = [each.evaluate(params, state, archs, *data) for each in (sharded, chunked, single)]
+out = {name: [result[name].tolist() for result in results]
        for name in ("accuracy", "group_accuracy", "robustness", "generalization_gap")}
 print(json.dumps(out))
 """
@@ -102,6 +152,7 @@ def test_sharded_over_8_devices_equals_one_device():
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
-  for name, (sharded, single) in results.items():
-    assert np.shape(sharded)[0] == 6, name
+  for name, (sharded, chunked, single) in results.items():
+    assert np.shape(sharded)[0] == np.shape(chunked)[0] == 6, name
     np.testing.assert_allclose(sharded, single, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(chunked, single, atol=1e-6, err_msg=name)
