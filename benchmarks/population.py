@@ -23,6 +23,12 @@ candidate it scored (vmap and loop: 2P; standalone: `standalone_measured_on`);
 `xla_compilations` counts every XLA compile in each approach's timed code (small eager ops
 included). `useful_gflops` is 2 · sum over the candidates of macs(arch) · images / seconds of
 the steady vmap call, against `peak_gflops`, the best of several jitted float32 matmuls.
+`flops_per_candidate_image` is XLA's FLOP count (cost analysis of the lowered, unoptimized
+programs; nothing extra compiles) per candidate and image: the loop's single-candidate forward,
+and one vmap of that forward over all P (chunks do the same arithmetic), whose
+candidate-independent layers count once. `flops_ratio_loop_over_vmap`, their ratio, is the
+vmap/loop speed-up that sharing those layers gives at equal FLOP rates; the measured ratio
+above it is what the vmapped arithmetic gains in speed (bigger, cache-friendlier operations).
 `max_accuracy_difference` checks that the three agree (standalone layers have their own
 Switch capacity, so may differ slightly). The supernet build (shared by vmap and loop) is
 reported but not counted.
@@ -111,6 +117,11 @@ def _peak_gflops(size: int, repeats: int) -> float:
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * size**3 / best / 1e9
+
+
+def _flops(fn: Callable, *args) -> float:
+  """XLA's FLOP count of jit(fn)(*args), from the lowered program (nothing compiles)."""
+  return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
 
 
 def _device() -> str:
@@ -227,6 +238,11 @@ def main() -> None:
   # --- Rates, work, peak -----------------------------------------------------------------------
   peak = _peak_gflops(args.matmul_size, args.matmul_repeats)
   size = args.population
+  pixels = next(iter(pipeline.eval_batches(examples, args.batch_size)))["image"]
+  first = jax.tree.map(lambda v: v[0], populations[1])
+  flops = {"loop": _flops(forward, (params, state, first), pixels) / args.batch_size,
+           "vmap": _flops(jax.vmap(lambda arch: forward((params, state, arch), pixels)),
+                          populations[1]) / args.batch_size / size}
   per_s = {name: size / seconds[name][1] for name in ("vmap", "loop")}
   per_s["standalone"] = measured / sum(standalone_seconds)
   with_compile = {name: size / seconds[name][0] for name in ("vmap", "loop")}
@@ -250,6 +266,8 @@ def main() -> None:
                   "standalone": [round(s, 2) for s in standalone_seconds],
                   "standalone_export": [round(s, 2) for s in export_seconds]},
       "standalone_measured_on": measured,
+      "flops_per_candidate_image": {name: round(value) for name, value in flops.items()},
+      "flops_ratio_loop_over_vmap": round(flops["loop"] / flops["vmap"], 3),
       "useful_gflops": round(useful, 2),
       "peak_gflops": round(peak, 2),
       "useful_over_peak": round(useful / peak, 3),

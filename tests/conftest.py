@@ -4,6 +4,12 @@ Building a model compiles one initialiser per parameter shape (about 15 s on 2 C
 tests share the tiny supernet, whose shapes are also the smoke config's. The session writes
 compiled programs to a persistent XLA cache that subprocesses (resumed searches, the notebook's
 kernel) inherit through JAX_COMPILATION_CACHE_DIR, so only the first of them compiles.
+
+The suite runs on pytest-xdist workers, a test file at a time each (setup.cfg: `-n auto
+--dist loadfile --no-loadscope-reorder`): the main process makes the cache and the workers
+inherit it, so what one worker compiled another loads. The slowest files go first, in the
+order of `_SLOWEST_FIRST`, so that the longest work starts first; the two that need the smoke
+search start together, each on its own worker.
 """
 
 import atexit
@@ -21,9 +27,12 @@ from flax import nnx
 
 from moenas_jax import models
 
-_CACHE = tempfile.mkdtemp(prefix="moenas_jax_xla_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker: the main process made the cache
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+  _CACHE = tempfile.mkdtemp(prefix="moenas_jax_xla_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -39,6 +48,18 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
   return {"image": rng.integers(0, 256, (size, 28, 28, 3), dtype=np.uint8),
           "label": rng.integers(0, 10, size).astype(np.int32),
           "group": rng.integers(0, 2, size).astype(np.int32)}
+
+
+_SLOWEST_FIRST = ("search_test.py", "notebook_test.py", "proxy_test.py", "population_test.py",
+                  "finetune_test.py", "export_test.py", "models_test.py", "supernet_test.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Orders the files by `_SLOWEST_FIRST`, then the rest as collected (a stable sort)."""
+  def rank(item):
+    name = item.path.name
+    return _SLOWEST_FIRST.index(name) if name in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+  items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
