@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -103,6 +102,7 @@ class Trainer:
       return params, new_state, opt_state, logs
 
     self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    self._init = jax.jit(self.optimizer.init)  # one program, not one per parameter shape
 
   def fit(self, params: nnx.State, state: nnx.State, train_examples: pipeline.Examples, *,
           seed: int, checkpointer: Checkpointer | None = None,
@@ -118,11 +118,12 @@ class Trainer:
     if size != self.num_examples:
       raise ValueError(f"this Trainer's schedule was made for {self.num_examples} examples, "
                        f"got {size}; make a Trainer for this training set")
-    # The step donates its inputs: train on copies, so the caller's arrays stay valid. They
-    # are committed to the default device, as restored ones are, so both share one compile.
-    params, state = jax.tree.map(jnp.array, (params, state))
-    params, state, opt_state = jax.device_put((params, state, self.optimizer.init(params)),
-                                              jax.devices()[0])
+    # The step donates its inputs: train on copies (device-to-device, nothing compiles), so
+    # the caller's arrays stay valid. They are committed to the default device, as restored
+    # ones are, so both share one compile.
+    device = jax.devices()[0]
+    params, state = jax.device_put((params, state), device, may_alias=False)
+    opt_state = jax.device_put(self._init(params), device)
     run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size}
     history, done = [], 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
