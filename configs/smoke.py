@@ -3,7 +3,7 @@ r"""The whole pipeline at toy sizes (for tests and a first look), on the embedde
 Measured on a 2-core CPU: 41 s (quiet) to 55 s (busier) with a warm XLA cache
 (--compilation_cache_dir, on by default), 115 to 140 s with an empty one: compiling the dozen
 jitted functions dominates (the supernet step, two training steps and the model initialisers
-take about 85 s of it).
+take about 85 s of it). With a warm cache, tracing and lowering still take about 25 s.
 
     python -m launch.search --workdir=/tmp/smoke --config=configs/smoke.py
 """
