@@ -239,7 +239,7 @@ def main() -> None:
   peak = _peak_gflops(args.matmul_size, args.matmul_repeats)
   size = args.population
   pixels = next(iter(pipeline.eval_batches(examples, args.batch_size)))["image"]
-  first = jax.tree.map(lambda v: v[0], populations[1])
+  first = search_space.unstack(populations[1])[0]
   flops = {"loop": _flops(forward, (params, state, first), pixels) / args.batch_size,
            "vmap": _flops(jax.vmap(lambda arch: forward((params, state, arch), pixels)),
                           populations[1]) / args.batch_size / size}

@@ -123,7 +123,7 @@ class Trainer:
     # ones are, so both share one compile.
     device = jax.devices()[0]
     params, state = jax.device_put((params, state), device, may_alias=False)
-    opt_state = jax.device_put(self._init(params), device)
+    opt_state = jax.device_put(self._init(params), device)  # jit outputs are uncommitted
     run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size}
     history, done = [], 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
