@@ -1,123 +1,111 @@
-"""Does proxy fine-tuning rank candidates more like stand-alone training than shared weights?
+"""How well do the supernet's scores rank candidates, against stand-alone training?
 
 Run: python -m benchmarks.proxy_ranking --workdir=DIR   (one JSON object; progress on stderr)
 
 The default search's setting (configs/default.py, Fashion-Tones): its supernet is read from
 DIR/checkpoints/supernet when a finished search (or an earlier run of this script) left it
-there, else trained there first (about 6 minutes on 2 CPU cores); a DIR made with another
-model, supernet or data config is refused. `--candidates` distinct candidates spread over the
-space (from 16 times as many seed-drawn samples sorted by (params, MACs), evenly spaced
-picks) are scored on the search split (validation) with the search's metrics and reward:
+there, else trained there first; a DIR made with another model, supernet or data config is
+refused. `--candidates` distinct candidates spread over the space (the dense and the largest
+model, and evenly spaced picks in (params, MACs) order of 16 times as many seed-drawn
+samples) are scored on the search split (validation) with the search's metrics and reward:
 
-- supernet: the shared weights (`PopulationEvaluator`), as the search scores them by default;
-- proxy: each candidate's own copy tuned `--proxy_steps` steps (`ProxyTuner`, the key of the
-  search's first cycle), then the same evaluator; one result per (steps, learning rate);
-- standalone: each candidate cut out (`export.standalone`, initialised from its supernet slice)
-  and trained `--epochs` epochs with the config.train recipe on the whole training split,
-  then scored on the same examples (robustness on the same subset).
+- shared_bn: the shared weights and the batch-norm statistics supernet training averaged over
+  its sampled candidates;
+- recalibrated_bn: the same weights, each candidate with its own batch-norm statistics from
+  `search.bn_batches` training batches (`PopulationEvaluator(recalibration_images=...)`), as
+  the search scores them; `bn_batches_sweep` repeats it for each of `--bn_batches`;
+- proxy: each candidate's own copy tuned `--proxy_steps` steps (`ProxyTuner`, the objective
+  of config.supernet, the key of the search's first cycle), then recalibrated and scored;
+- standalone: each candidate cut out (`export.standalone`, initialised from its slice),
+  trained with the config.train recipe (its objective and epochs) from two training seeds,
+  and scored on the same examples.
 
-Reported: Kendall's tau-b of supernet vs standalone and of proxy vs standalone (and of proxy
-vs supernet: how much tuning changes the ranking), for accuracy and for the reward; the
-per-candidate values, the settings and the seconds of each part; and the noise to read them
-against: the standard deviation of tau between unrelated rankings of that many candidates,
-the standard error of one accuracy on the search split, the range of standalone accuracies.
+Reported: `kendall_tau` (`scipy.stats.kendalltau`, tau-b) of shared_bn, recalibrated_bn and
+proxy against the first stand-alone training, for accuracy, disparity and the reward, and the
+noise `ceiling`: tau between the two stand-alone trainings (seeds differ only in training
+order and gate noise). `ratio_to_ceiling` divides each by the ceiling. Also: the per-candidate
+values, the settings and the seconds of each part.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
+from scipy import stats
 
-from configs import default
-from moenas_jax import (
-  checkpoint,
-  evaluate,
-  export,
-  metrics,
-  models,
-  population,
-  proxy,
-  reward,
-  search,
-  search_space,
-  train,
-)
+from benchmarks import common
+from moenas_jax import evaluate, export, metrics, models, proxy, reward, search, search_space
+from moenas_jax import train as train_lib
 
-# Sections of the config that the supernet checkpoint depends on.
-_SUPERNET_KEYS = ("seed", "data", "model", "supernet")
-
-
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
-def kendall_tau(x, y) -> float:
-  """Kendall's tau-b (pairs tied in x or in y count as in scipy.stats.kendalltau)."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  i, j = np.triu_indices(len(x), k=1)
-  dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-  untied = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
-  return float((dx * dy).sum() / untied) if untied else float("nan")
+SCORED = ("accuracy", "disparity", "reward")
 
 
 def spread_candidates(space: search_space.SearchSpace, key: jax.Array,
                       count: int) -> search_space.Arch:
-  """`count` distinct candidates, evenly spaced in (params, MACs) order over 16·count samples."""
+  """`count` distinct candidates: dense, largest, and `count` − 2 evenly spaced in (params,
+  MACs) order over 16·count samples."""
   samples = search_space.unstack(jax.tree.map(np.asarray,
                                               space.sample_population(key, 16 * count)))
-  unique = sorted({arch.key(): arch for arch in samples}.values(),
+  extremes = {space.dense().key(), space.largest().key()}
+  unique = sorted({arch.key(): arch for arch in samples if arch.key() not in extremes}.values(),
                   key=lambda a: (int(space.params(a)), int(space.macs(a)), a.key()))
-  if len(unique) < count:
+  if len(unique) < count - 2:
     raise ValueError(f"only {len(unique)} distinct candidates in {16 * count} samples; ask "
                      f"for fewer than {count}")
-  picks = np.linspace(0, len(unique) - 1, count).round().astype(int)
-  return search_space.stack([unique[i] for i in picks])
+  picks = np.linspace(0, len(unique) - 1, count - 2).round().astype(int)
+  return search_space.stack([space.dense(), *(unique[i] for i in picks), space.largest()])
 
 
-def _standalone(config, supernet_model, arch, data, lighting_set, epochs: int) -> dict:
-  """Search metrics of one candidate trained stand-alone for `epochs` epochs."""
-  graphdef, params, state = models.split(export.standalone(supernet_model, arch))
-  settings = dataclasses.replace(search._train_settings(config), epochs=epochs)
-  params, state, _ = train.train(graphdef, params, state, data.train, settings=settings,
-                                 seed=config.seed, log=_log)
+def kendall_tau(x, y) -> float:
+  return round(float(stats.kendalltau(x, y).statistic), 4)
+
+
+def _standalone(supernet: common.Supernet, arch, seeds) -> list[dict[str, np.ndarray]]:
+  """Search metrics of one candidate trained stand-alone once per training seed."""
+  config, data = supernet.config, supernet.data
+  graphdef, params, state = models.split(export.standalone(supernet.model, arch))
+  objective = search._objective(config, "train", data)
+  trainer = train_lib.Trainer(graphdef, search._train_settings(config),
+                              len(data.train["label"]), objective)
   evaluator = evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
                                  num_groups=len(data.group_names),
                                  batch_size=config.data.eval_batch_size,
-                                 lighting_set=lighting_set)
-  scores = {name: np.asarray(value) for name, value in
-            metrics.summarize(evaluator.counts(params, state, data.search)).items()}
-  train_accuracy = metrics.summarize(evaluator.counts(params, state, data.held))["accuracy"]
-  scores["generalization_gap"] = np.asarray(metrics.generalization_gap(
-      train_accuracy, scores["accuracy"]))
-  scores["robustness"] = np.asarray(evaluator.evaluate(params, state, data.robust,
-                                                       bootstrap_resamples=0)["robustness"])
-  return scores
+                                 lighting_set=search._lighting_set(
+                                     config.search.lighting_severities))
+  results = []
+  for seed in seeds:
+    trained_params, trained_state, _ = trainer.fit(params, state, data.train, seed=seed,
+                                                   log=common.log)
+    scores = {name: np.asarray(value) for name, value in metrics.summarize(
+        evaluator.counts(trained_params, trained_state, data.search)).items()}
+    held = metrics.summarize(evaluator.counts(trained_params, trained_state, data.held))
+    scores["generalization_gap"] = np.asarray(metrics.generalization_gap(
+        np.asarray(held["group_accuracy"]), scores["group_accuracy"]))
+    scores["robustness"] = np.asarray(evaluator.evaluate(
+        trained_params, trained_state, data.robust, bootstrap_resamples=0)["robustness"])
+    results.append(scores)
+  return results
 
 
-def _rounded(values) -> list[float]:
-  return [round(float(v), 4) for v in values]
+def _stacked(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {name: np.stack([r[name] for r in results])
+          for name in ("accuracy", "disparity", "robustness", "generalization_gap",
+                       "worst_cell_accuracy")}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  config = default.get_config()
   parser.add_argument("--workdir", required=True,
                       help="where the supernet checkpoint is (or is trained and kept)")
-  parser.add_argument("--candidates", type=int, default=8)
-  parser.add_argument("--proxy_steps", type=int, nargs="+", default=[20])
-  parser.add_argument("--proxy_learning_rates", type=float, nargs="+",
-                      default=[config.search.proxy_learning_rate])
-  parser.add_argument("--proxy_batch_size", type=int, default=config.search.proxy_batch_size)
-  parser.add_argument("--epochs", type=int, default=1, help="of stand-alone training")
+  parser.add_argument("--candidates", type=int, default=12)
+  parser.add_argument("--bn_batches", type=int, nargs="*", default=[2, 5, 20, 40],
+                      help="more recalibration sizes to score (bn_batches_sweep)")
+  parser.add_argument("--proxy_steps", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0, help="of the candidates")
   args = parser.parse_args()
   begin = time.perf_counter()
@@ -127,88 +115,79 @@ def main() -> None:
     seconds[name] = round(time.perf_counter() - since, 1)
     return time.perf_counter()
 
-  # --- Data and the supernet ------------------------------------------------------------------
-  workdir = Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.check_config(workdir, config.to_dict(),
-                          ignore=[key for key in config if key not in _SUPERNET_KEYS])
-  data = search.load_data(config, workdir)
-  supernet_model = search.build_supernet(config, data)
-  params, state = search.train_supernet(config, supernet_model, data, workdir, _log)
-  nnx.update(supernet_model, params, state)
-  graphdef = models.split(supernet_model)[0]
-  space = supernet_model.search_space()
+  supernet = common.trained_supernet(args.workdir)
+  config, data, space = supernet.config, supernet.data, supernet.space
+  graphdef, params, state = supernet.graphdef, supernet.params, supernet.state
   archs = spread_candidates(space, jax.random.key(args.seed), args.candidates)
-  _log(f"{args.candidates} candidates, params {space.params(archs).tolist()}")
+  common.log(f"{args.candidates} candidates, params {space.params(archs).tolist()}")
   clock = lap("data_and_supernet", begin)
 
-  # --- (a) shared weights, (b) proxy fine-tuned copies ----------------------------------------
-  lighting_set = search._lighting_set(config.search.lighting_severities)
-  evaluator_settings = dict(num_classes=len(data.class_names),
-                            num_groups=len(data.group_names),
-                            batch_size=config.data.eval_batch_size, lighting_set=lighting_set)
-  shared = population.PopulationEvaluator(graphdef, **evaluator_settings).evaluate(
-      params, state, archs, data.search, data.held, data.robust)
-  results = {"supernet": shared}
-  clock = lap("supernet_scoring", clock)
-  per_copy = population.PopulationEvaluator(graphdef, per_candidate_weights=True,
-                                            **evaluator_settings)
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), 0)
-  for steps, learning_rate in itertools.product(args.proxy_steps, args.proxy_learning_rates):
-    name = f"proxy_{steps}_steps_lr_{learning_rate:g}"
-    settings = proxy.ProxySettings(steps=steps, batch_size=args.proxy_batch_size,
-                                   learning_rate=learning_rate)
-    tuned_params, tuned_state, logs = proxy.ProxyTuner(graphdef, settings).tune(
-        params, state, archs, data.train, key)
-    _log(f"{name}: training loss {logs['loss'][0].mean():.3f} → {logs['loss'][-1].mean():.3f}")
-    results[name] = per_copy.evaluate(tuned_params, tuned_state, archs, data.search, data.held,
-                                      data.robust)
-    clock = lap(name, clock)
+  def scored(bn_batches: int, tuned: bool = False) -> dict[str, np.ndarray]:
+    settings = config.copy_and_resolve_references()
+    settings.search.bn_batches = bn_batches
+    evaluator = search.population_evaluator(settings, graphdef, data,
+                                            per_candidate_weights=tuned)
+    weights = (params, state)
+    if tuned:
+      tuner = proxy.ProxyTuner(graphdef, proxy.ProxySettings(
+          steps=args.proxy_steps, batch_size=config.search.proxy_batch_size,
+          learning_rate=config.search.proxy_learning_rate),
+          search._objective(config, "supernet", data))
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), 0)
+      *weights, _ = tuner.tune(params, state, archs, data.train, key)
+    return evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
 
-  # --- (c) stand-alone training ---------------------------------------------------------------
-  standalone = []
+  results = {"shared_bn": scored(0), "recalibrated_bn": scored(config.search.bn_batches)}
+  clock = lap("supernet_scoring", clock)
+  sweep = {n: scored(n) for n in args.bn_batches}
+  clock = lap("bn_batches_sweep", clock)
+  results["proxy"] = scored(config.search.bn_batches, tuned=True)
+  clock = lap("proxy", clock)
+  seeds = (config.seed, config.seed + 1)
+  trained = []
   for i, arch in enumerate(search_space.unstack(archs)):
-    _log(f"standalone {i + 1}/{args.candidates}: {search_space.to_dict(arch)}")
-    standalone.append(_standalone(config, supernet_model, arch, data, lighting_set,
-                                  args.epochs))
-  results["standalone"] = {name: np.stack([s[name] for s in standalone])
-                           for name in ("accuracy", "disparity", "robustness",
-                                        "generalization_gap", "worst_cell_accuracy")}
+    common.log(f"standalone {i + 1}/{args.candidates}: {search_space.to_dict(arch)}")
+    trained.append(_standalone(supernet, arch, seeds))
+  results["standalone"] = _stacked([t[0] for t in trained])
+  results["standalone_seed_2"] = _stacked([t[1] for t in trained])
   clock = lap("standalone", clock)
 
-  # --- Rankings ---------------------------------------------------------------------------------
-  rewards = {name: np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
-                                            **search._reward_settings(config)), np.float64)
-             for name, scores in results.items()}
-  truth = results["standalone"]
-  def taus(name: str, reference: str) -> dict[str, float]:
-    return {"accuracy": round(kendall_tau(results[name]["accuracy"],
-                                          results[reference]["accuracy"]), 4),
-            "reward": round(kendall_tau(rewards[name], rewards[reference]), 4)}
+  def with_reward(scores):
+    values = {name: np.asarray(scores[name]) for name in ("accuracy", "disparity")}
+    values["reward"] = np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
+                                                **search._reward_settings(config)))
+    return values
 
-  tuned = [name for name in results if name.startswith("proxy")]
-  count, accuracy = args.candidates, float(np.mean(truth["accuracy"]))
+  values = {name: with_reward(scores) for name, scores in results.items()}
+  swept = {n: with_reward(scores) for n, scores in sweep.items()}
+
+  def taus(name, reference="standalone", table=values):
+    return {m: kendall_tau(table[name][m], values[reference][m]) for m in SCORED}
+
+  kendall = {name: taus(name) for name in ("shared_bn", "recalibrated_bn", "proxy")}
+  kendall["ceiling"] = taus("standalone_seed_2")
+  ratio = {name: {m: round(kendall[name][m] / kendall["ceiling"][m], 3)
+                  if kendall["ceiling"][m] else None for m in SCORED}
+           for name in ("shared_bn", "recalibrated_bn", "proxy")}
   print(json.dumps({
-      "kendall_tau_vs_standalone": {name: taus(name, "standalone")
-                                    for name in ("supernet", *tuned)},
-      "kendall_tau_vs_supernet": {name: taus(name, "supernet") for name in tuned},
-      "noise": {
-          "kendall_tau_null_sd": round(np.sqrt(2 * (2 * count + 5) / (9 * count * (count - 1))),
-                                       4),
-          "accuracy_standard_error": round(np.sqrt(accuracy * (1 - accuracy)
-                                                   / len(data.search["label"])), 4),
-          "standalone_accuracy_range": round(float(np.ptp(truth["accuracy"])), 4)},
-      "accuracy": {name: _rounded(scores["accuracy"]) for name, scores in results.items()},
-      "reward": {name: _rounded(values) for name, values in rewards.items()},
+      "kendall_tau": kendall,
+      "ratio_to_ceiling": ratio,
+      "bn_batches_sweep": {str(n): {"vs_standalone": taus(n, table=swept),
+                                    "vs_recalibrated_bn": {
+                                        m: kendall_tau(swept[n][m],
+                                                       values["recalibrated_bn"][m])
+                                        for m in SCORED}}
+                           for n in swept},
+      "values": {name: {m: np.round(v[m], 4).tolist() for m in SCORED}
+                 for name, v in values.items()},
       "candidates": [search_space.to_dict(arch) for arch in search_space.unstack(archs)],
       "params": space.params(archs).tolist(), "macs": space.macs(archs).tolist(),
-      "settings": {"config": "configs/default.py", "workdir": str(workdir),
+      "settings": {"config": "configs/default.py", "workdir": str(args.workdir),
                    "candidates": args.candidates, "seed": args.seed,
-                   "proxy_steps": args.proxy_steps,
-                   "proxy_learning_rates": args.proxy_learning_rates,
-                   "proxy_batch_size": args.proxy_batch_size, "proxy_optimizer":
-                   "SGD, momentum 0.9, cosine decay to 0, gradients clipped to norm 1",
-                   "standalone_recipe": {**config.train.to_dict(), "epochs": args.epochs},
+                   "bn_batches": config.search.bn_batches, "proxy_steps": args.proxy_steps,
+                   "standalone_seeds": list(seeds),
+                   "standalone_recipe": dataclasses.asdict(search._train_settings(config)),
+                   "train_objective": config.train.objective.to_dict(),
                    "search_split": config.data.search_split,
                    "images": len(data.search["label"]),
                    "robustness_images": len(data.robust["label"])},

@@ -21,7 +21,8 @@ def get_config():
                       max_experts=3, max_top_k=2)
   config.supernet.update(steps=30, batch_size=32, archs_per_step=2, warmup_steps=5,
                          checkpoint_every=10)
-  config.search.update(candidates=16, population_size=8, tournament_size=3, batch_size=8,
+  config.search.update(candidates=16, population_size=8, tournament_size=3, batch_size=4,
+                       bn_batches=2,
                        lighting_severities=(5,), robustness_size=100, proxy_batch_size=32)
   config.train.update(epochs=1, batch_size=64)
   config.data.eval_size = 250

@@ -22,7 +22,7 @@ def get_config():
   config.supernet.update(steps=6000, batch_size=128, archs_per_step=4, warmup_steps=300,
                          checkpoint_every=500)
   config.search.update(candidates=1024, population_size=64, tournament_size=10,
-                       batch_size=64, lighting_severities=(1, 3, 5), proxy_batch_size=128)
+                       batch_size=16, lighting_severities=(1, 3, 5), proxy_batch_size=128)
   config.train.update(epochs=20, batch_size=128)
   config.baselines = ("mobilevit_v2_dense", "mobilenet_v2", "resnet")
   return config

@@ -3,7 +3,8 @@
 `evaluate` gives, on the evaluation examples, everything of `metrics.summarize`, plus
 - `robustness`: mean accuracy over the lighting set (each perturbation of every image counts
   once), `robustness_by_kind` (mean per kind) and `robust_worst_group_accuracy`;
-- `train_accuracy` and `generalization_gap` on a held training subset, when given;
+- `train_accuracy`, `generalization_gap` (group-fair) and `pooled_generalization_gap` on a
+  held training subset, when given;
 - `adversarial_accuracy` under an L∞ PGD attack (ε = 8/255, steps of 2/255: the defaults of
   `metrics.pgd_attack`) when `pgd_steps` > 0; batch b is attacked from key
   `fold_in(split(key(seed))[1], b)`;
@@ -78,11 +79,13 @@ class Evaluator:
 
   def evaluate(self, params: nnx.State, state: nnx.State, examples: pipeline.Examples, *,
                held_examples: pipeline.Examples | None = None, bootstrap_resamples: int = 1000,
-               seed: int = 0, arch: Arch | None = None) -> dict[str, Any]:
+               seed: int = 0, arch: Arch | None = None, with_predictions: bool = False) -> Any:
     """The metrics of the module docstring, as JSON-ready Python values.
 
     `arch`: a candidate ([L] arrays) when `graphdef` is a supernet, None for a standalone
     model (or a supernet's largest candidate). `bootstrap_resamples=0` skips the bootstrap.
+    `with_predictions`: return (metrics, the clean predicted classes [n]), e.g. for
+    `metrics.paired_bootstrap` against another model (same seed: same resamples).
     """
     if not len(examples["label"]):
       raise ValueError("evaluate needs at least one example, got none")
@@ -90,7 +93,7 @@ class Evaluator:
       raise ValueError(f"bootstrap_resamples must be >= 0, got {bootstrap_resamples}")
     if arch is not None:
       arch = jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), arch)
-    bootstrap_key, attack_key = jax.random.split(jax.random.key(seed))
+    bootstrap_key, attack_key = _keys(seed)
     zeros = metrics.Counts.zeros(self.num_classes, self.num_groups)
     clean, perturbed, adversarial, predictions = zeros, [zeros] * len(self.lighting_set), zeros, []
     for b, batch in enumerate(pipeline.eval_batches(examples, self.batch_size)):
@@ -112,10 +115,12 @@ class Evaluator:
       all_lighting = _summarize(jax.tree.map(lambda v: v.sum(0), stacked))
       result["robust_worst_group_accuracy"] = all_lighting["worst_group_accuracy"]
     if held_examples is not None:
-      result["train_accuracy"] = _summarize(self.counts(params, state, held_examples,
-                                                        arch))["accuracy"]
-      result["generalization_gap"] = metrics.generalization_gap(result["train_accuracy"],
-                                                                result["accuracy"])
+      held = _summarize(self.counts(params, state, held_examples, arch))
+      result["train_accuracy"] = held["accuracy"]
+      result["generalization_gap"] = metrics.generalization_gap(held["group_accuracy"],
+                                                                result["group_accuracy"])
+      result["pooled_generalization_gap"] = metrics.pooled_generalization_gap(
+          held["accuracy"], result["accuracy"])
     if self.pgd_steps:
       result["adversarial_accuracy"] = _summarize(adversarial)["accuracy"]
     if bootstrap_resamples:
@@ -123,6 +128,8 @@ class Evaluator:
           np.concatenate(predictions), examples["label"], examples["group"],
           num_classes=self.num_classes, num_groups=self.num_groups, key=bootstrap_key,
           num_resamples=bootstrap_resamples)
+    if with_predictions:
+      return metrics.to_python(result), np.concatenate(predictions)
     return metrics.to_python(result)
 
   def counts(self, params: nnx.State, state: nnx.State, examples: pipeline.Examples,
@@ -132,6 +139,22 @@ class Evaluator:
     for batch in pipeline.eval_batches(examples, self.batch_size):
       totals = self._counts(params, state, arch, batch, np.int32(0), np.float32(0), totals)[1]
     return totals
+
+
+def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(bootstrap key, attack key) of an evaluation with `seed`."""
+  return tuple(jax.random.split(jax.random.key(seed)))
+
+
+def paired_comparison(predictions: np.ndarray, baseline_predictions: np.ndarray,
+                      examples: pipeline.Examples, *, num_classes: int, num_groups: int,
+                      seed: int, bootstrap_resamples: int) -> dict[str, Any]:
+  """JSON-ready paired intervals of (model − baseline) on `examples`, from the resamples of
+  `Evaluator.evaluate(..., seed=seed)` (`metrics.paired_bootstrap`)."""
+  return metrics.to_python(metrics.paired_bootstrap(
+      predictions, baseline_predictions, examples["label"], examples["group"],
+      num_classes=num_classes, num_groups=num_groups, key=_keys(seed)[0],
+      num_resamples=bootstrap_resamples))
 
 
 def evaluate(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,

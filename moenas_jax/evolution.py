@@ -7,16 +7,14 @@ children in one evaluator call. The children are appended and the P oldest membe
 the population keeps `population_size` members and a good architecture dies of age, not of
 being beaten.
 
-The controller is host-side Python and NumPy with an evosax-like `ask()` / `tell()` loop:
+The controller is host-side Python and NumPy with an evosax-like `ask()` / `tell()` loop
+(`controllers.Controller`; `controllers.run` drives it and scores each architecture once):
 
-    settings = EvolutionSettings(population_size=64, tournament_size=8, batch_size=16, seed=0)
+    settings = EvolutionSettings(population_size=32, tournament_size=8, batch_size=8, seed=0)
     evolution = Evolution(space, settings)
     while evolution.cycle < cycles:
       archs = evolution.ask()                         # Arch [P, L]
-      rewards = np.full(settings.batch_size, np.nan)  # [P]
-      todo = evolution.to_score(archs)                # what the cache does not know
-      rewards[todo] = evaluate(archs)[todo]
-      evolution.tell(archs, rewards)
+      evolution.tell(archs, evaluate(archs))          # rewards [P]
 
 Randomness comes from `jax.random.key(seed)`: the initial samples from one stream, cycle c's
 tournaments and mutations from `fold_in(cycles_key, c)`. So `ask()` is a function of the
@@ -70,10 +68,12 @@ class EvolutionSettings:
       raise ValueError(f"tournament_size={self.tournament_size} must be in "
                        f"1..population_size={self.population_size}; lower it or raise "
                        f"population_size")
-    if not 1 <= self.batch_size <= self.population_size:
-      raise ValueError(f"batch_size={self.batch_size} must be in 1..population_size="
-                       f"{self.population_size}; a larger batch would replace the whole "
-                       f"population every cycle, so lower it or raise population_size")
+    if not 1 <= self.batch_size < self.population_size:
+      raise ValueError(f"batch_size={self.batch_size} must be in 1..population_size - 1 = "
+                       f"{self.population_size - 1}: with P >= N every cycle replaces the whole "
+                       f"population, so no member ages and the search is a generational GA, "
+                       f"not regularized evolution; lower batch_size or raise "
+                       f"population_size (e.g. N = 4 P)")
     if self.max_remutations < 0:
       raise ValueError(f"max_remutations={self.max_remutations} must be >= 0 (0 turns "
                        f"re-mutation off)")
@@ -124,26 +124,28 @@ def _mutants(key: jax.Array, population: Arch, ranks: jax.Array, attempt: jax.Ar
 class Evolution:
   """Regularized evolution controller: `ask()` P candidates, `tell()` their rewards.
 
+  `batch_size` is P, for the `controllers.Controller` protocol.
+
   The first cycles propose the initial population in chunks of P: random samples, then the
   dense and the largest model (the youngest, so they live longest). It holds
   ceil(N / P) · P candidates, so when P does not divide N the oldest samples age out as soon
   as the population is full. After that every cycle proposes P children.
 
-  Rewards are cached by `Arch.key()`: the first reward told for an architecture is its reward
-  for the rest of the run, also when it aged out and reappears. `to_score()` says which
-  candidates of a batch need an evaluation (the first of each architecture the cache does not
-  know); `tell()` fills the others from the cache or from that first occurrence.
+  The reward cache lives in the search loop (`controllers.ScoreCache`), which tells a
+  repeated architecture its first reward again; the controller only remembers which
+  architectures it was told, to re-mutate children that repeat one.
   """
 
   def __init__(self, space: SearchSpace, settings: EvolutionSettings):
     self.space, self.settings = space, settings
+    self.batch_size = settings.batch_size
     init_key, self._cycles_key = jax.random.split(jax.random.key(settings.seed))
     size = math.ceil(settings.population_size / settings.batch_size) * settings.batch_size
     samples = [jax.tree.map(np.asarray, _sample(init_key, np.int32(i), space=space))
                for i in range(size - 2)]
     self._initial = samples + [space.dense(), space.largest()]
     self._population: list[tuple[Arch, float]] = []  # oldest first
-    self._cache: dict[tuple, float] = {}
+    self._seen: set[tuple] = set()
     self._history: list[Record] = []
     self._pending: Arch | None = None
 
@@ -162,10 +164,6 @@ class Evolution:
     """Every told candidate in order, P per cycle, repeats included."""
     return list(self._history)
 
-  def cached(self, arch: Arch) -> float | None:
-    """The reward of an already scored architecture, or None."""
-    return self._cache.get(arch.key())
-
   def best(self) -> tuple[Arch, float]:
     """The highest reward ever told (not only among the living); ties: the earliest."""
     if not self._history:
@@ -183,22 +181,8 @@ class Evolution:
         self._pending = search_space.stack(self._children())
     return jax.tree.map(np.copy, self._pending)
 
-  def to_score(self, archs: Arch) -> np.ndarray:
-    """Indices into a batch [P, L] of the candidates to evaluate: the first occurrence of
-    each architecture without a cached reward."""
-    seen, indices = set(self._cache), []
-    for index, arch in enumerate(search_space.unstack(archs)):
-      if arch.key() not in seen:
-        seen.add(arch.key())
-        indices.append(index)
-    return np.asarray(indices, np.int64)
-
   def tell(self, archs: Arch, rewards: Sequence[float] | np.ndarray) -> None:
-    """Records the rewards [P] of the batch `ask()` returned and ages the population.
-
-    Only the entries at `to_score(archs)` are read and must be finite; the others (NaN
-    allowed) take the cached reward, or that of the same arch earlier in the batch.
-    """
+    """Records the finite rewards [P] of the batch `ask()` returned and ages the population."""
     expected = self.ask()
     candidates = search_space.unstack(self.space.validate(archs))
     if [a.key() for a in candidates] != [a.key() for a in search_space.unstack(expected)]:
@@ -209,15 +193,13 @@ class Evolution:
     if rewards.shape != (self.settings.batch_size,):
       raise ValueError(f"rewards have shape {rewards.shape}; give one per candidate: "
                        f"({self.settings.batch_size},)")
-    todo = self.to_score(archs)
-    for index in todo:
-      if not np.isfinite(rewards[index]):
-        raise ValueError(f"rewards[{index}] = {rewards[index]} must be finite (it is a new "
-                         f"architecture); give infeasible candidates a finite penalty")
-    self._cache.update((candidates[i].key(), float(rewards[i])) for i in todo)
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if len(bad):
+      raise ValueError(f"rewards[{bad[0]}] = {rewards[bad[0]]} must be finite; give "
+                       f"infeasible candidates a finite penalty")
     cycle = self.cycle
-    for arch in candidates:
-      reward = self._cache[arch.key()]
+    for arch, reward in zip(candidates, rewards.tolist()):
+      self._seen.add(arch.key())
       self._population.append((arch, reward))
       self._history.append(Record(search_space.to_dict(arch), reward, cycle))
     del self._population[:-self.settings.population_size]
@@ -281,7 +263,7 @@ class Evolution:
 
     children = mutants(0)
     for attempt in range(1, self.settings.max_remutations + 1):
-      seen, repeats = set(self._cache), []
+      seen, repeats = set(self._seen), []
       for child in children:
         repeats.append(child.key() in seen)
         seen.add(child.key())

@@ -19,10 +19,14 @@ over batches with `batch_counts`; `summarize` turns them into the metrics:
   two classes this is exactly the textbook max(TPR gap, FPR gap) of the positive class (class
   0's TPR is class 1's 1 − FPR and vice versa).
 
-Scalars that combine several evaluations: `generalization_gap` (held training subset accuracy
-minus evaluation accuracy) and `robustness` (mean accuracy over `lighting.LIGHTING_SET`).
+Scalars that combine several evaluations: `generalization_gap` (group-fair: per group, held
+training subset accuracy minus evaluation accuracy, averaged over the groups present in
+both), `pooled_generalization_gap` (the same over all examples pooled, which also counts a
+shift of group shares between the splits) and `robustness` (mean accuracy over
+`lighting.LIGHTING_SET`).
 `pgd_attack` gives L∞ adversarial images for the optional adversarial accuracy.
-`bootstrap_intervals` (host, final models and baselines) gives percentile intervals.
+`bootstrap_intervals` (host, final models and baselines) gives percentile intervals, and
+`paired_bootstrap` the paired intervals of one model's metrics minus another's.
 """
 
 from __future__ import annotations
@@ -140,8 +144,24 @@ def summarize(counts: Counts) -> dict[str, jax.Array]:
   }
 
 
-def generalization_gap(train_accuracy: jax.Array, eval_accuracy: jax.Array) -> jax.Array:
-  """Accuracy on the held training subset minus evaluation accuracy (> 0: overfitting)."""
+def generalization_gap(train_group_accuracy: Any, eval_group_accuracy: Any) -> Any:
+  """Group-fair gap: mean over groups g present in both splits of (train a_g − eval a_g).
+
+  Arguments are group accuracies [..., G] (NaN for an empty group). A training split that is
+  95% group 0 and an evaluation split that is 50/50 differ in accuracy by about half the
+  disparity even without any overfitting; per group, that shift is not counted. NaN when no
+  group is present in both. > 0: overfitting.
+  """
+  xp = jnp if isinstance(train_group_accuracy, jax.Array) else np
+  difference = xp.asarray(train_group_accuracy) - xp.asarray(eval_group_accuracy)
+  both = ~xp.isnan(difference)
+  count = both.sum(-1)
+  total = xp.where(both, difference, 0.0).sum(-1)
+  return xp.where(count > 0, total / xp.maximum(count, 1), xp.nan)
+
+
+def pooled_generalization_gap(train_accuracy: Any, eval_accuracy: Any) -> Any:
+  """Accuracy on the held training subset minus evaluation accuracy, groups pooled."""
   return train_accuracy - eval_accuracy
 
 
@@ -192,30 +212,89 @@ def pgd_attack(loss_fn: Callable[[jax.Array, jax.Array], jax.Array], images: jax
 
 
 BOOTSTRAPPED = ("accuracy", "group_accuracy", "disparity", "worst_group_accuracy")
+PAIRED = ("accuracy", "disparity", "worst_group_accuracy")
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "num_groups", "num_resamples"))
-def _bootstrap(predictions, labels, groups, key, level, *, num_classes, num_groups,
-               num_resamples):
-  size = predictions.shape[0]
-  ones = jnp.ones(size, jnp.float32)
-
-  def metrics(indices):  # [n] example indices → the bootstrapped metrics
-    summary = summarize(_counts(predictions[indices], labels[indices], groups[indices], ones,
-                                num_classes, num_groups))
-    return {name: summary[name] for name in BOOTSTRAPPED}
-
+def _resampled(statistics: Callable[[jax.Array], dict[str, jax.Array]], size: int,
+               key: jax.Array, level: jax.Array, num_resamples: int) -> dict[str, dict]:
+  """{"estimate", "low", "high"} per statistic of example indices [n]: on all n examples, and
+  the percentile interval over `num_resamples` resamples with replacement (from `key`; the
+  same resamples for the same key and n, whatever the statistics)."""
   def resample(resample_key):
-    return metrics(jax.random.randint(resample_key, (size,), 0, size))
+    return statistics(jax.random.randint(resample_key, (size,), 0, size))
 
   # Resamples run vmapped in chunks of about 4M gathered examples, bounding memory for large n.
   chunk = max(1, min(num_resamples, 2 ** 22 // size))
   draws = jax.lax.map(resample, jax.random.split(key, num_resamples), batch_size=chunk)
   quantiles = jnp.stack([(1 - level) / 2, (1 + level) / 2])
   bounds = jax.tree.map(lambda d: jnp.nanquantile(d, quantiles, axis=0), draws)
-  estimate = metrics(jnp.arange(size))
+  estimate = statistics(jnp.arange(size))
   return {name: {"estimate": estimate[name], "low": bounds[name][0], "high": bounds[name][1]}
-          for name in BOOTSTRAPPED}
+          for name in estimate}
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "num_groups", "num_resamples"))
+def _bootstrap(predictions, labels, groups, key, level, *, num_classes, num_groups,
+               num_resamples):
+  """Intervals of `BOOTSTRAPPED` for predictions [n], or of the paired differences
+  model 0 − model 1 of `PAIRED` for predictions [2, n]."""
+  ones = jnp.ones(labels.shape, jnp.float32)
+
+  def summary(model_predictions, indices):
+    return summarize(_counts(model_predictions[indices], labels[indices], groups[indices], ones,
+                             num_classes, num_groups))
+
+  if predictions.ndim == 1:
+    def statistics(indices):
+      values = summary(predictions, indices)
+      return {name: values[name] for name in BOOTSTRAPPED}
+  else:
+    def statistics(indices):
+      first, second = summary(predictions[0], indices), summary(predictions[1], indices)
+      return {name: first[name] - second[name] for name in PAIRED}
+  return _resampled(statistics, labels.shape[0], key, level, num_resamples)
+
+
+def _check_bootstrap_inputs(predictions, labels, groups, num_classes, num_groups, num_resamples,
+                            level) -> None:
+  if not predictions.shape[-1:] == labels.shape == groups.shape or labels.ndim != 1:
+    raise ValueError(f"predictions {predictions.shape}, labels {labels.shape} and groups "
+                     f"{groups.shape} must be [n] arrays of one length")
+  if labels.size == 0:
+    raise ValueError("the bootstrap needs at least one example, got none")
+  for name, values, count in (("predictions", predictions, num_classes),
+                              ("labels", labels, num_classes), ("groups", groups, num_groups)):
+    if values.min() < 0 or values.max() >= count:
+      raise ValueError(f"{name} range over {values.min()}..{values.max()}, outside "
+                       f"0..{count - 1}; check num_classes / num_groups")
+  if not 0 < level < 1 or num_resamples < 1:
+    raise ValueError(f"level={level} must be in (0, 1) and num_resamples={num_resamples} >= 1")
+
+
+def paired_bootstrap(predictions: Any, baseline_predictions: Any, labels: Any, groups: Any, *,
+                     num_classes: int, num_groups: int, key: jax.Array,
+                     num_resamples: int = 1000, level: float = 0.95
+                     ) -> dict[str, dict[str, np.ndarray]]:
+  """Paired percentile intervals of (model − baseline) for accuracy, disparity and worst-group
+  accuracy: both models' metrics on each of the same resamples of the evaluation set.
+
+  With the key of `bootstrap_intervals`, the resamples are those behind each model's own
+  intervals. The difference's interval is what a claim "the model is fairer" needs: the two
+  models' errors on shared examples are correlated, so separate intervals overlap far more
+  than the uncertainty of the difference. Returns {name: {"estimate", "low", "high"}}.
+  """
+  predictions, baseline_predictions = np.asarray(predictions), np.asarray(baseline_predictions)
+  labels, groups = np.asarray(labels), np.asarray(groups)
+  if predictions.shape != baseline_predictions.shape or predictions.ndim != 1:
+    raise ValueError(f"predictions {predictions.shape} and {baseline_predictions.shape} must be "
+                     f"[n] arrays of one length")
+  stacked = np.stack([predictions, baseline_predictions])
+  _check_bootstrap_inputs(stacked, labels, groups, num_classes, num_groups, num_resamples,
+                          level)
+  out = _bootstrap(jnp.asarray(stacked, jnp.int32), jnp.asarray(labels, jnp.int32),
+                   jnp.asarray(groups, jnp.int32), key, jnp.float32(level),
+                   num_classes=num_classes, num_groups=num_groups, num_resamples=num_resamples)
+  return jax.tree.map(np.asarray, out)
 
 
 def bootstrap_intervals(predictions: Any, labels: Any, groups: Any, *, num_classes: int,
@@ -233,18 +312,10 @@ def bootstrap_intervals(predictions: Any, labels: Any, groups: Any, *, num_class
   may lie above a point estimate near 0. Host-side: for final models and baselines only.
   """
   predictions, labels, groups = (np.asarray(a) for a in (predictions, labels, groups))
-  if not predictions.ndim == 1 or not predictions.shape == labels.shape == groups.shape:
-    raise ValueError(f"predictions {predictions.shape}, labels {labels.shape} and groups "
-                     f"{groups.shape} must be [n] arrays of one length")
-  if predictions.size == 0:
-    raise ValueError("bootstrap_intervals needs at least one example, got none")
-  for name, values, count in (("predictions", predictions, num_classes),
-                              ("labels", labels, num_classes), ("groups", groups, num_groups)):
-    if values.min() < 0 or values.max() >= count:
-      raise ValueError(f"{name} range over {values.min()}..{values.max()}, outside "
-                       f"0..{count - 1}; check num_classes / num_groups")
-  if not 0 < level < 1 or num_resamples < 1:
-    raise ValueError(f"level={level} must be in (0, 1) and num_resamples={num_resamples} >= 1")
+  if predictions.ndim != 1:
+    raise ValueError(f"predictions {predictions.shape} must be an [n] array")
+  _check_bootstrap_inputs(predictions, labels, groups, num_classes, num_groups, num_resamples,
+                          level)
   out = _bootstrap(jnp.asarray(predictions, jnp.int32), jnp.asarray(labels, jnp.int32),
                    jnp.asarray(groups, jnp.int32), key, jnp.float32(level),
                    num_classes=num_classes, num_groups=num_groups, num_resamples=num_resamples)

@@ -115,15 +115,22 @@ class PopulationEvaluator:
   `evaluate` returns, per candidate (arrays with a leading axis P): everything of
   `metrics.summarize` on the evaluation split, `robustness` (accuracy over the
   `lighting_set` perturbations of the same split), `train_accuracy` on the held training
-  subset and `generalization_gap`. With `per_candidate_weights=True` the params and state
-  passed in carry a leading axis P too (proxy fine-tuned copies). `chunk_size`: at most this
-  many candidates vmapped at once (None: all P).
+  subset and `generalization_gap` (group-fair: `metrics.generalization_gap`). With
+  `per_candidate_weights=True` the params and state passed in carry a leading axis P too
+  (proxy fine-tuned copies). `chunk_size`: at most this many candidates vmapped at once
+  (None: all P).
+
+  `recalibration_images` [NB, B, H, W, C] (training batches): before scoring, each candidate
+  gets its own batch-norm statistics, the mean over these batches of the statistics it
+  computes on them (`models.batch_statistics`), instead of the shared state that supernet
+  training averaged over many candidates. One more compiled call, `bn_recalibrate`, vmapped
+  like the scoring (once per P).
   """
 
   def __init__(self, graphdef: nnx.GraphDef, *, num_classes: int, num_groups: int,
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
                mesh: Mesh | None = None, per_candidate_weights: bool = False,
-               chunk_size: int | None = None):
+               chunk_size: int | None = None, recalibration_images: np.ndarray | None = None):
     unknown = sorted({kind for kind, _ in lighting_set} - set(_KIND_NAMES))
     if unknown:
       raise ValueError(f"unknown lighting kinds {unknown}; known: {', '.join(_KIND_NAMES)}")
@@ -134,12 +141,31 @@ class PopulationEvaluator:
     if batch_size < 1 or batch_size % data_shards:
       raise ValueError(f"batch_size={batch_size} must be a positive multiple of the mesh's "
                        f"'data' axis ({data_shards})")
+    if recalibration_images is not None and (np.ndim(recalibration_images) != 5
+                                             or not len(recalibration_images)):
+      raise ValueError(f"recalibration_images must be [NB, B, H, W, C] with NB >= 1, got "
+                       f"shape {np.shape(recalibration_images)}")
     self.graphdef, self.num_classes, self.num_groups = graphdef, num_classes, num_groups
     self.batch_size, self.mesh = batch_size, mesh
     self.per_candidate_weights, self.chunk_size = per_candidate_weights, chunk_size
+    self.recalibration_images = (None if recalibration_images is None
+                                 else jnp.asarray(recalibration_images, jnp.float32))
     self.lighting_set = tuple((_KIND_NAMES.index(kind) + 1, severity)
                               for kind, severity in lighting_set)
-    weight_axis = 0 if per_candidate_weights else None
+    params_axis = 0 if per_candidate_weights else None
+    state_axis = 0 if per_candidate_weights or recalibration_images is not None else None
+
+    def bn_recalibrate(params, state, archs, images, num_chunks):
+      def candidate(params, state, arch):
+        def add(total, batch):
+          statistics = models.batch_statistics(graphdef, params, state, batch, arch)
+          return jax.tree.map(jnp.add, total, statistics), None
+
+        total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, state), images)
+        return jax.tree.map(lambda v: v / images.shape[0], total)
+
+      return chunked_vmap(candidate, num_chunks, (params_axis, params_axis, 0))(
+          params, state, archs)
 
     def population_counts(params, state, archs, batch, kind, severity, totals, num_chunks):
       images = perturb(batch["image"], kind, severity)
@@ -149,35 +175,63 @@ class PopulationEvaluator:
         return metrics.batch_counts(logits, batch["label"], batch["group"], batch["mask"],
                                     num_classes=num_classes, num_groups=num_groups)
 
-      counts = chunked_vmap(candidate, num_chunks, (weight_axis, weight_axis, 0))(
+      counts = chunked_vmap(candidate, num_chunks, (params_axis, state_axis, 0))(
           params, state, archs)
       return jax.tree.map(jnp.add, totals, counts)
 
-    shardings = {}
+    counts_shardings, recalibrate_shardings = {}, {}
     if mesh is not None:
       candidates, replicated = NamedSharding(mesh, PS("pop")), NamedSharding(mesh, PS())
-      weights = candidates if per_candidate_weights else replicated
-      shardings = dict(in_shardings=(weights, weights, candidates, NamedSharding(mesh, PS("data")),
-                                     replicated, replicated, candidates),
-                       out_shardings=candidates)
-    self._counts = jax.jit(population_counts, donate_argnums=6, static_argnums=7, **shardings)
+      params_sharding = candidates if per_candidate_weights else replicated
+      state_sharding = candidates if state_axis == 0 else replicated
+      counts_shardings = dict(in_shardings=(params_sharding, state_sharding, candidates,
+                                            NamedSharding(mesh, PS("data")), replicated,
+                                            replicated, candidates),
+                              out_shardings=candidates)
+      recalibrate_shardings = dict(in_shardings=(params_sharding, params_sharding, candidates,
+                                                 replicated),
+                                   out_shardings=candidates)
+    self._counts = jax.jit(population_counts, donate_argnums=6, static_argnums=7,
+                           **counts_shardings)
+    self._recalibrate = jax.jit(bn_recalibrate, static_argnums=4, **recalibrate_shardings)
     self._summarize = jax.jit(jax.vmap(metrics.summarize))
 
-  def counts(self, params: Any, state: Any, population: Arch, examples: pipeline.Examples,
-             perturbations: Sequence[tuple[int, int]] = ((0, 0),)) -> metrics.Counts:
-    """Counts summed over every batch of `examples` and every (kind index, severity).
-
-    Their leading axis is the population's size P, padded (see `chunking`) when the mesh's
-    'pop' axis or the chunks do not divide P: entries from P on repeat the last candidate.
-    """
+  def _padded(self, params: Any, state: Any, population: Arch) -> tuple[Any, Any, Arch, int]:
+    """(params, state, archs, chunks) padded (see `chunking`) to the compiled population size."""
     shards = 1 if self.mesh is None else self.mesh.shape["pop"]
     num_chunks, size = chunking(int(np.shape(population.num_experts)[0]), self.chunk_size,
                                 shards)
     archs = pad_candidates(jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), population), size)
     if self.per_candidate_weights:
       params, state = pad_candidates((params, state), size)
+    return params, state, archs, num_chunks
+
+  def recalibrate(self, params: Any, state: Any, population: Arch) -> Any:
+    """Each candidate's own batch-norm state [P, ...] from `recalibration_images`."""
+    if self.recalibration_images is None:
+      raise ValueError("this evaluator has no recalibration_images; build it with training "
+                       "batches to recalibrate batch norm")
+    size = int(np.shape(population.num_experts)[0])
+    params, state, archs, num_chunks = self._padded(params, state, population)
+    recalibrated = self._recalibrate(params, state, archs, self.recalibration_images, num_chunks)
+    return jax.tree.map(lambda v: v[:size], recalibrated)
+
+  def counts(self, params: Any, state: Any, population: Arch, examples: pipeline.Examples,
+             perturbations: Sequence[tuple[int, int]] = ((0, 0),)) -> metrics.Counts:
+    """Counts summed over every batch of `examples` and every (kind index, severity).
+
+    `state` is per candidate [P, ...] when the evaluator recalibrates (`recalibrate`) or has
+    per-candidate weights, else shared. The counts' leading axis is the population's size P,
+    padded (see `chunking`) when the mesh's 'pop' axis or the chunks do not divide P:
+    entries from P on repeat the last candidate.
+    """
+    per_candidate_state = self.recalibration_images is not None and not self.per_candidate_weights
+    params, state, archs, num_chunks = self._padded(params, state, population)
+    if per_candidate_state:
+      state = pad_candidates(state, int(archs.num_experts.shape[0]))
     totals = metrics.Counts.zeros(self.num_classes, self.num_groups)
-    totals = jax.tree.map(lambda v: jnp.zeros((size, *v.shape), v.dtype), totals)
+    totals = jax.tree.map(lambda v: jnp.zeros((archs.num_experts.shape[0], *v.shape), v.dtype),
+                          totals)
     for batch in pipeline.eval_batches(examples, self.batch_size):
       for kind, severity in perturbations:
         totals = self._counts(params, state, archs, batch, np.int32(kind),
@@ -189,9 +243,12 @@ class PopulationEvaluator:
                robust_examples: pipeline.Examples | None = None) -> dict[str, np.ndarray]:
     """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L].
 
-    Robustness is measured on `robust_examples` (default: the evaluation examples).
+    Robustness is measured on `robust_examples` (default: the evaluation examples). With
+    `recalibration_images`, every candidate is scored with its recalibrated batch-norm state.
     """
     size = int(np.shape(population.num_experts)[0])
+    if self.recalibration_images is not None:
+      state = self.recalibrate(params, state, population)
     summary = self._summarize(self.counts(params, state, population, eval_examples))
     if self.lighting_set:
       robust_examples = eval_examples if robust_examples is None else robust_examples
@@ -203,6 +260,8 @@ class PopulationEvaluator:
     if held_examples is not None:
       held = self._summarize(self.counts(params, state, population, held_examples))
       summary["train_accuracy"] = held["accuracy"]
-      summary["generalization_gap"] = metrics.generalization_gap(held["accuracy"],
-                                                                 summary["accuracy"])
+      summary["generalization_gap"] = metrics.generalization_gap(
+          held["group_accuracy"], summary["group_accuracy"])
+      summary["pooled_generalization_gap"] = metrics.pooled_generalization_gap(
+          held["accuracy"], summary["accuracy"])
     return {name: np.asarray(values)[:size] for name, values in summary.items()}

@@ -10,7 +10,8 @@ All P candidates take each step together in one jitted, vmapped function, `proxy
 compiled once for any population of the same P. Every candidate sees the same batches
 (`pipeline.sampled_batches`, seeded by the key's data) and the same gate noise key per step,
 so a candidate's result depends only on its architecture and the key, not on the rest of the
-population. Loss = cross-entropy + routing aux loss, as in supernet training.
+population. Loss = the training objective (`objectives.py`; each candidate carries its own
+objective state) + routing aux loss, as in supernet training.
 
 Optimiser: SGD with momentum 0.9, the learning rate decayed from `learning_rate` to 0 over
 the steps (cosine), gradients clipped to global norm 1, a fresh state per candidate. Not
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moenas_jax import models, supernet
+from moenas_jax import models, objectives, supernet
 from moenas_jax.data import pipeline
 from moenas_jax.search_space import Arch
 
@@ -57,8 +58,10 @@ class ProxySettings:
 class ProxyTuner:
   """`tune(params, state, archs, examples, key)`: per-candidate copies trained `steps` steps."""
 
-  def __init__(self, graphdef: nnx.GraphDef, settings: ProxySettings):
+  def __init__(self, graphdef: nnx.GraphDef, settings: ProxySettings,
+               objective: objectives.Objective | None = None):
     self.settings = settings
+    objective = objectives.Objective.erm() if objective is None else objective
     schedule = optax.cosine_decay_schedule(settings.learning_rate, max(settings.steps, 1))
     self.optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                                  optax.sgd(schedule, momentum=0.9))
@@ -67,25 +70,32 @@ class ProxyTuner:
       size = archs.num_experts.shape[0]
       params, state = jax.tree.map(lambda v: jnp.broadcast_to(v, (size, *v.shape)),
                                    (params, state))
-      return params, state, jax.vmap(self.optimizer.init)(params)
+      opt_state = jax.vmap(self.optimizer.init)(params)
+      objective_state = objective.init()
+      return params, state, (opt_state,
+                             jnp.broadcast_to(objective_state, (size, *objective_state.shape)))
 
     def proxy_step(params, state, opt_state, archs, batch, key, step):
       noise = jax.random.fold_in(key, step)
 
       def candidate(params, state, opt_state, arch):
+        optimizer_state, objective_state = opt_state
+
         def loss_fn(params):
           logits, new_state, aux = models.apply(graphdef, params, state, batch["image"], arch,
                                                 train=True, key=noise)
-          ce = supernet.cross_entropy(logits, batch["label"]).mean()
+          ce = supernet.cross_entropy(logits, batch["label"])
+          loss, new_objective = objective.loss(ce, batch, objective_state)
           correct = (logits.argmax(-1) == batch["label"]).mean()
-          return ce + aux["aux_loss"], (ce, correct, new_state)
+          return loss + aux["aux_loss"], (ce.mean(), correct, new_state, new_objective)
 
-        (loss, (ce, correct, new_state)), grads = jax.value_and_grad(
+        (loss, (ce, correct, new_state, objective_state)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
         logs = {"loss": loss, "cross_entropy": ce, "accuracy": correct,
                 "grad_norm": optax.tree.norm(grads)}
-        return optax.apply_updates(params, updates), new_state, opt_state, logs
+        return (optax.apply_updates(params, updates), new_state,
+                (optimizer_state, objective_state), logs)
 
       return jax.vmap(candidate)(params, state, opt_state, archs)
 
@@ -109,7 +119,7 @@ class ProxyTuner:
     logs = []
     for step, batch in enumerate(batches):
       params, state, opt_state, step_logs = self._step(
-          params, state, opt_state, archs, {"image": batch["image"], "label": batch["label"]},
+          params, state, opt_state, archs, batch,
           noise_key, np.int32(step))
       logs.append(step_logs)
     size = archs.num_experts.shape[0]

@@ -37,6 +37,8 @@ FINAL_MODELS = (("trained", "found (pruned, trained)"),
                 ("before_pruning", "found, supernet weights"),
                 ("after_pruning", "found, pruned, supernet weights"))
 MISSING = "–"
+# The paired comparisons' metrics (`metrics.PAIRED`), in table order.
+PAIRED_METRICS = metrics_lib.PAIRED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +145,7 @@ def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
   `summary` holds `best` (a candidate record), `pareto` (candidate records), `final` ({trained,
   before_pruning, after_pruning}: test metrics of the found model trained stand-alone, and on the
   supernet's weights before and after expert pruning), `baselines` (a list of {name, metrics}),
+  optionally `comparison` (a list of {baseline, found_minus_baseline}: paired intervals),
   `timing` ({stage: seconds}) and `compilations` ({function: count}); test metrics may hold
   `bootstrap` (`metrics.bootstrap_intervals` output) for the disparity interval. `candidates` are
   the records of candidates.jsonl; `group_names` label the groups (default "group 0", ...). Arrays
@@ -179,6 +182,11 @@ def results_table(summary: Mapping[str, Any]) -> str:
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                      for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+  for comparison in summary.get("comparison") or []:
+    differences = comparison.get("found_minus_baseline") or {}
+    lines.append(f"found − {comparison['baseline']} (paired 95%): " + ", ".join(
+        f"{name.replace('_', ' ')} {_difference(differences.get(name))}"
+        for name in PAIRED_METRICS))
   timing = summary.get("timing") or {}
   if timing:
     lines.append("time: " + ", ".join(f"{stage} {_duration(seconds)}"
@@ -226,6 +234,16 @@ def _disparity(metrics: Mapping[str, Any]) -> str:
   if low is None or high is None:
     return _pct(value)
   return f"{_pct(value)} [{_pct(low)}, {_pct(high)}]"
+
+
+def _difference(interval: Mapping[str, Any] | None) -> str:
+  """A paired difference in points with its interval: "-8.1 [-11.9, -4.2]"."""
+  if not interval or interval.get("estimate") is None:
+    return MISSING
+  text = f"{100 * interval['estimate']:+.1f}"
+  if interval.get("low") is None or interval.get("high") is None:
+    return text
+  return f"{text} [{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]"
 
 
 def _count(value: float | None) -> str:
@@ -282,8 +300,9 @@ def _markdown(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]
               group_names: Sequence[str], paths: Mapping[str, Path]) -> str:
   out = ["# Search report\n",
          ("Accuracy, robustness: % on the test split; disparity (max − min group accuracy, "
-          "with its bootstrap interval where computed) and generalization gap (train − test "
-          f"accuracy): percentage points. {MISSING}: not measured.\n")]
+          "with its bootstrap interval where computed) and generalization gap (group by group, "
+          "train − test accuracy, averaged over the groups): percentage points. "
+          f"{MISSING}: not measured.\n")]
   models = _models(summary)
   out.append("## Found model vs baselines\n")
   if models:
@@ -296,6 +315,20 @@ def _markdown(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]
          for name, m in models)))
   else:
     out.append("No final or baseline metrics in the summary.\n")
+
+  comparisons = summary.get("comparison") or []
+  if comparisons:
+    out.append("## Found model minus each baseline (paired)\n")
+    out.append("Differences on the same test images, with 95% paired bootstrap intervals (both "
+               "models scored on each of the same resamples); an interval that excludes 0 is a "
+               "difference beyond resampling noise of the test split. It does not cover the "
+               "spread between training seeds (`benchmarks/seeds.py`), and the found model was "
+               "picked as the best of many on validation (winner's curse): its search score "
+               "is optimistic, its test score is not.\n")
+    out.append(_table(["baseline", "accuracy", "disparity", "worst group"],
+                      ([c["baseline"], *(_difference((c.get("found_minus_baseline") or {})
+                                                     .get(name)) for name in PAIRED_METRICS)]
+                       for c in comparisons)))
 
   grouped = [(name, m["group_accuracy"]) for name, m in models if m.get("group_accuracy")]
   if grouped:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import io
 import os
 import time
 from collections.abc import Callable
@@ -26,11 +27,13 @@ from flax import nnx
 
 from moenas_jax import (
   checkpoint,
+  controllers,
   evaluate,
   evolution,
   export,
   metrics,
   models,
+  objectives,
   population,
   proxy,
   prune,
@@ -46,8 +49,12 @@ from moenas_jax.data import lighting, open_dataset, pipeline
 # Config keys a later `run_baselines` may change in a finished workdir.
 _BASELINE_KEYS = (*checkpoint.IGNORED_CONFIG_KEYS, "baselines")
 # The jitted functions whose compilations the summary reports.
-_COMPILED = ("supernet_step", "proxy_step", "population_counts", "train_step", "logits",
-             "usage_counts")
+_COMPILED = ("supernet_step", "proxy_step", "bn_recalibrate", "population_counts",
+             "train_step", "perturbed_counts", "usage_counts")
+# The suffix of the dense reference baseline trained with ERM when config.train.objective is not.
+_ERM = "_erm"
+# Test predictions of the found model ("found") and of each baseline, for paired comparisons.
+_PREDICTIONS = "test_predictions.npz"
 
 
 @dataclasses.dataclass
@@ -91,6 +98,31 @@ def load_data(config: Any, workdir: Path) -> Data:
               image_shape=dataset.image_shape)
 
 
+def check_data(config: Any, data: Data) -> None:
+  """Checks the settings that depend on the data, before anything compiles."""
+  size, needed = len(data.train["label"]), config.search.bn_batches * config.supernet.batch_size
+  if needed > size:
+    raise ValueError(f"config.search.bn_batches={config.search.bn_batches} batches of "
+                     f"config.supernet.batch_size={config.supernet.batch_size} need {needed} "
+                     f"distinct training examples, but the training split has {size}; lower "
+                     f"search.bn_batches to at most {size // config.supernet.batch_size}")
+  for section in ("supernet", "train"):
+    try:
+      _objective(config, section, data)
+    except ValueError as error:
+      raise ValueError(f"config.{section}.objective: {error}") from None
+
+
+def _objective(config: Any, section: str, data: Data, name: str | None = None
+               ) -> objectives.Objective:
+  """The training objective of `config.<section>.objective` (its `name` replaced if given)."""
+  settings = objectives.ObjectiveSettings.from_config(config[section].objective)
+  if name is not None:
+    settings = dataclasses.replace(settings, name=name)
+  return objectives.Objective.from_examples(settings, data.train, len(data.class_names),
+                                            data.group_names, data.class_names)
+
+
 def build_supernet(config: Any, data: Data) -> nnx.Module:
   height, width, channels = data.image_shape
   return models.build(config.model.name, rngs=nnx.Rngs(config.seed),
@@ -106,7 +138,21 @@ def _model_options(config: Any) -> dict[str, Any]:
 
 def validate(config: Any) -> None:
   """Checks the settings that fail late otherwise; raises ValueError naming the field."""
+  for name in ("supernet", "train"):
+    try:
+      objectives.ObjectiveSettings.from_config(config[name].objective)
+    except ValueError as error:
+      raise ValueError(f"config.{name}.objective: {error}") from None
+  if config.search.controller not in controllers.NAMES:
+    raise ValueError(f"config.search.controller={config.search.controller!r} is unknown; use "
+                     f"one of {', '.join(controllers.NAMES)}")
+  if config.search.controller == "evolution":
+    try:
+      _evolution_settings(config)
+    except ValueError as error:
+      raise ValueError(f"config.search: {error}") from None
   checks = [("supernet.steps", config.supernet.steps, 1),
+            ("search.bn_batches", config.search.bn_batches, 0),
             ("search.candidates", config.search.candidates, config.search.batch_size),
             ("search.proxy_steps", config.search.proxy_steps, 0),
             ("search.proxy_batch_size", config.search.proxy_batch_size, 1),
@@ -140,11 +186,15 @@ def validate(config: Any) -> None:
 class _Progress:
   """Periodic progress lines with rate and ETA."""
 
-  def __init__(self, stage: str, total: int, log: Callable[[str], None], start: int = 0):
+  def __init__(self, stage: str, total: int, log: Callable[[str], None],
+               start: int | None = 0):
+    """`start`: where this invocation began (None: one before the first call's `done`)."""
     self.stage, self.total, self.log, self.start = stage, total, log, start
     self.began = time.perf_counter()
 
   def __call__(self, done: int, extra: str = "") -> None:
+    if self.start is None:
+      self.start = done - 1
     seconds = time.perf_counter() - self.began
     rate = (done - self.start) / seconds if seconds > 0 and done > self.start else 0.0
     eta = f", ETA {(self.total - done) / rate:.0f} s" if rate else ""
@@ -171,7 +221,7 @@ def train_supernet(config: Any, supernet_model: nnx.Module, data: Data, workdir:
                                            warmup_steps=min(cfg.warmup_steps, cfg.steps),
                                            total_steps=cfg.steps),
       mesh=population.make_mesh(data_parallel=jax.device_count())
-      if jax.device_count() > 1 else None)
+      if jax.device_count() > 1 else None, objective=_objective(config, "supernet", data))
   tree = {"params": params, "state": state, "opt_state": trainer.init(params)}
   with checkpoint.Checkpointer(workdir / "checkpoints" / "supernet") as checkpoints:
     step = checkpoints.latest_step() or 0
@@ -226,65 +276,87 @@ def _reward_settings(config: Any) -> dict[str, Any]:
               param_budget=cfg.param_budget, mac_budget=cfg.mac_budget)
 
 
-def run_evolution(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
-                  space: search_space.SearchSpace, data: Data, workdir: Path,
-                  log: Callable[[str], None]) -> list[dict]:
-  """Regularized evolution scored by the population evaluator; returns the candidate records.
+def _evolution_settings(config: Any) -> evolution.EvolutionSettings:
+  cfg = config.search
+  return evolution.EvolutionSettings(population_size=cfg.population_size,
+                                     tournament_size=cfg.tournament_size,
+                                     batch_size=cfg.batch_size, seed=config.seed)
+
+
+def _recalibration_images(config: Any, data: Data) -> np.ndarray | None:
+  """`search.bn_batches` training batches [NB, B, H, W, C] (None at 0), from the seed."""
+  if not config.search.bn_batches:
+    return None
+  batches = pipeline.sampled_batches(data.train, config.supernet.batch_size,
+                                     config.search.bn_batches, [config.seed, 5])
+  return np.stack([batch["image"] for batch in batches])
+
+
+def population_evaluator(config: Any, graphdef: nnx.GraphDef, data: Data, *,
+                         per_candidate_weights: bool = False) -> population.PopulationEvaluator:
+  """The search's evaluator: its lighting set, chunks, mesh and batch-norm recalibration."""
+  return population.PopulationEvaluator(
+      graphdef, num_classes=len(data.class_names), num_groups=len(data.group_names),
+      batch_size=config.data.eval_batch_size,
+      lighting_set=_lighting_set(config.search.lighting_severities),
+      mesh=population.make_mesh() if jax.device_count() > 1 else None,
+      per_candidate_weights=per_candidate_weights, chunk_size=config.search.chunk_size or None,
+      recalibration_images=_recalibration_images(config, data))
+
+
+def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, params: Any,
+                     state: Any, space: search_space.SearchSpace, data: Data, *,
+                     tuner: proxy.ProxyTuner | None = None,
+                     log: Callable[[str], None] = logging.info) -> controllers.Score:
+  """The search's `score(archs, todo, cycle)`: validation metrics and reward of a batch."""
+  rewards_of = _reward_settings(config)
+  proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  def score(archs: search_space.Arch, todo: np.ndarray, cycle: int) -> list[dict]:
+    weights = (params, state)
+    if tuner is not None:
+      *weights, logs = tuner.tune(params, state, archs, data.train,
+                                  jax.random.fold_in(proxy_key, cycle))
+      log(f"[search] cycle {cycle}: proxy loss {logs['loss'][0].mean():.3f} → "
+          f"{logs['loss'][-1].mean():.3f}")
+    scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
+    scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
+    rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"], **rewards_of),
+                         np.float64)
+    return [{"metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
+             "reward": float(rewards[i])} for i in todo]
+
+  return score
+
+
+def run_controller(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
+                   space: search_space.SearchSpace, data: Data, workdir: Path,
+                   log: Callable[[str], None],
+                   evaluator: population.PopulationEvaluator | None = None) -> list[dict]:
+  """The search: `config.search.controller` driven by `controllers.run`, every batch scored
+  by the population evaluator (`population_evaluator` unless given); returns the candidate
+  records.
 
   With `search.proxy_steps` > 0, each cycle's candidates are scored on their own proxy
   fine-tuned weight copies (`proxy.ProxyTuner`, key `fold_in(fold_in(key(seed), 2), cycle)`).
   """
   cfg = config.search
-  settings = evolution.EvolutionSettings(population_size=cfg.population_size,
-                                         tournament_size=cfg.tournament_size,
-                                         batch_size=cfg.batch_size, seed=config.seed)
+  controller = controllers.make(cfg.controller, space, population_size=cfg.population_size,
+                                tournament_size=cfg.tournament_size,
+                                batch_size=cfg.batch_size, seed=config.seed)
   tuner = proxy.ProxyTuner(graphdef, proxy.ProxySettings(
       steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size,
-      learning_rate=cfg.proxy_learning_rate)) if cfg.proxy_steps else None
-  proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  evaluator = population.PopulationEvaluator(
-      graphdef, num_classes=len(data.class_names), num_groups=len(data.group_names),
-      batch_size=config.data.eval_batch_size,
-      lighting_set=_lighting_set(cfg.lighting_severities),
-      mesh=population.make_mesh() if jax.device_count() > 1 else None,
-      per_candidate_weights=tuner is not None, chunk_size=cfg.chunk_size or None)
-  rewards_of = _reward_settings(config)
-  cycles = cfg.candidates // cfg.batch_size
-  log_path = workdir / "results" / "candidates.jsonl"
-  with checkpoint.Checkpointer(workdir / "checkpoints" / "search") as checkpoints:
-    controller, logged = evolution.Evolution(space, settings), 0
-    if checkpoints.latest_step():
-      _, meta = checkpoints.restore()
-      controller = evolution.Evolution.from_state_dict(space, meta["evolution"])
-      logged = meta["logged"]
-      log(f"[search] resumed at cycle {controller.cycle}/{cycles}")
-    progress = _Progress("search", cycles, log, start=controller.cycle)
-    with report.CandidateLog(log_path, expected=logged) as candidate_log:
-      while controller.cycle < cycles:
-        archs = controller.ask()
-        todo = controller.to_score(archs)
-        weights, tuned = (params, state), ""
-        if tuner is not None:
-          *weights, logs = tuner.tune(params, state, archs, data.train,
-                                      jax.random.fold_in(proxy_key, controller.cycle))
-          tuned = (f", proxy loss {logs['loss'][0].mean():.3f} → "
-                   f"{logs['loss'][-1].mean():.3f}")
-        scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
-        scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
-        rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"],
-                                           **rewards_of), np.float64)
-        records = [{"arch": search_space.to_dict(search_space.unstack(archs)[i]),
-                    "metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
-                    "reward": float(rewards[i]), "cycle": controller.cycle} for i in todo]
-        cycle = controller.cycle
-        controller.tell(archs, rewards)
-        candidate_log.append(records)
-        logged += len(records)
-        checkpoints.save(controller.cycle, None, {"evolution": controller.state_dict(),
-                                                   "logged": logged})
-        best_arch, best_reward = controller.best()
-        progress(cycle + 1, f"{logged} scored, best reward {best_reward:.4f}{tuned}")
-  return report.read_candidates(log_path)
+      learning_rate=cfg.proxy_learning_rate),
+      _objective(config, "supernet", data)) if cfg.proxy_steps else None
+  if evaluator is None:
+    evaluator = population_evaluator(config, graphdef, data,
+                                     per_candidate_weights=tuner is not None)
+  score = candidate_scorer(config, evaluator, params, state, space, data, tuner=tuner, log=log)
+  return controllers.run(controller, space, score, cycles=cfg.candidates // cfg.batch_size,
+                         checkpoint_dir=workdir / "checkpoints" / "search",
+                         log_path=workdir / "results" / "candidates.jsonl",
+                         progress=_Progress("search", cfg.candidates // cfg.batch_size, log,
+                                            start=None), log=log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,17 +386,26 @@ def _evaluate(config: Any, evaluator: evaluate.Evaluator, params: Any, state: An
 
 
 def _train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, workdir: Path,
-                        log: Callable[[str], None]) -> tuple[nnx.Module, dict[str, Any]]:
-  """Trains a standalone model with the shared recipe (resumable) and evaluates it on test."""
+                        log: Callable[[str], None], objective: str | None = None
+                        ) -> tuple[nnx.Module, dict[str, Any], np.ndarray]:
+  """Trains a standalone model with the shared recipe (resumable) and evaluates it on test.
+
+  `objective` replaces the name of `config.train.objective` (e.g. "erm" for the reference).
+  Returns (model, test metrics, test predictions).
+  """
   graphdef, params, state = models.split(model)
   with checkpoint.Checkpointer(workdir / "checkpoints" / name) as checkpoints:
     params, state, _ = train.train(graphdef, params, state, data.train,
                                    settings=_train_settings(config), seed=config.seed,
-                                   checkpointer=checkpoints, log=log)
+                                   checkpointer=checkpoints, log=log,
+                                   objective=_objective(config, "train", data, objective))
   nnx.update(model, params, state)
-  results = _evaluate(config, _test_evaluator(config, graphdef, data), params, state, data)
+  results, predictions = _test_evaluator(config, graphdef, data).evaluate(
+      params, state, data.test, held_examples=data.held,
+      bootstrap_resamples=config.evaluation.bootstrap_resamples, seed=config.seed,
+      with_predictions=True)
   results.update(evaluate.model_costs(model))
-  return model, results
+  return model, results, predictions
 
 
 def _baseline(config: Any, name: str, supernet_model: nnx.Module | None,
@@ -337,24 +418,61 @@ def _baseline(config: Any, name: str, supernet_model: nnx.Module | None,
                       image_size=(height, width), channels=channels)
 
 
+def baseline_specs(config: Any) -> list[tuple[str, str, str]]:
+  """(row name, model, objective) of every baseline: `config.baselines` trained with
+  `config.train.objective`, and when that is not ERM, the supernet's dense model trained
+  with ERM too (row `<model>_dense_erm`), the reference a user starts from."""
+  objective = config.train.objective.name
+  specs = [(name, name, objective) for name in config.baselines]
+  if objective != "erm":
+    dense = f"{config.model.name}_dense"
+    specs.append((dense + _ERM, dense, "erm"))
+  return specs
+
+
 def _baselines(config: Any, supernet_model: nnx.Module, data: Data, workdir: Path,
-               log: Callable[[str], None]) -> list[dict[str, Any]]:
-  """Trains and tests every model of `config.baselines` with the shared recipe."""
-  results = []
-  for name in config.baselines:
-    log(f"[baselines] {name}")
-    _, metrics_of = _train_and_evaluate(config, f"baseline_{name}",
-                                        _baseline(config, name, supernet_model, data), data,
-                                        workdir, log)
-    results.append({"name": name, "metrics": metrics_of})
-  return results
+               log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+  """Trains and tests every baseline (`baseline_specs`); returns (rows, test predictions)."""
+  results, predictions = [], {}
+  for name, model_name, objective in baseline_specs(config):
+    log(f"[baselines] {name} ({objective})")
+    _, metrics_of, predictions[name] = _train_and_evaluate(
+        config, f"baseline_{name}", _baseline(config, model_name, supernet_model, data), data,
+        workdir, log, objective)
+    results.append({"name": name, "objective": objective, "metrics": metrics_of})
+  return results, predictions
+
+
+def _comparisons(config: Any, data: Data, predictions: dict[str, np.ndarray],
+                 baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per baseline: paired bootstrap intervals of found − baseline on the test split."""
+  return [{"baseline": row["name"], "found_minus_baseline": evaluate.paired_comparison(
+              predictions["found"], predictions[row["name"]], data.test,
+              num_classes=len(data.class_names), num_groups=len(data.group_names),
+              seed=config.seed, bootstrap_resamples=config.evaluation.bootstrap_resamples)}
+          for row in baselines if row["name"] in predictions
+          and config.evaluation.bootstrap_resamples]
+
+
+def _save_predictions(path: Path, predictions: dict[str, np.ndarray]) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **predictions)
+  checkpoint.write_atomic(path, buffer.getvalue())
+
+
+def _load_predictions(path: Path) -> dict[str, np.ndarray]:
+  if not path.exists():
+    return {}
+  with np.load(path) as saved:
+    return {name: saved[name] for name in saved.files}
 
 
 def run_baselines(config: Any, workdir: str | os.PathLike,
                   log: Callable[[str], None] = logging.info) -> dict[str, Any]:
-  """Trains and tests `config.baselines` for a finished search and rewrites its report.
+  """Trains and tests the baselines for a finished search and rewrites its report.
 
-  Baselines already in the summary under the same name are replaced; others are kept.
+  Baselines already in the summary under the same name are replaced; others are kept. The
+  paired comparisons with the found model are recomputed for every baseline.
   """
   workdir = Path(workdir)
   validate(config)
@@ -365,17 +483,53 @@ def run_baselines(config: Any, workdir: str | os.PathLike,
   checkpoint.check_config(workdir, config.to_dict(),
                           override=config.override_workdir, ignore=_BASELINE_KEYS)
   data = load_data(config, workdir)
+  check_data(config, data)
   supernet_model = build_supernet(config, data)
   nnx.update(supernet_model, *train_supernet(config, supernet_model, data, workdir, log))
-  new = _baselines(config, supernet_model, data, workdir, log)
+  new, new_predictions = _baselines(config, supernet_model, data, workdir, log)
+  predictions_path = workdir / "results" / _PREDICTIONS
+  predictions = {**_load_predictions(predictions_path), **new_predictions}
+  _save_predictions(predictions_path, predictions)
   summary = checkpoint.read_json(summary_path)
   names = {b["name"] for b in new}
   summary["baselines"] = [b for b in summary["baselines"] if b["name"] not in names] + new
+  summary["comparison"] = _comparisons(config, data, predictions, summary["baselines"])
   report.write_report(workdir / "results", summary,
                       report.read_candidates(workdir / "results" / "candidates.jsonl"),
                       data.group_names)
   log("\n" + report.results_table(summary))
   return summary
+
+
+def _pruning_rows(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
+                  space: search_space.SearchSpace, found: search_space.Arch, data: Data,
+                  evaluator: population.PopulationEvaluator
+                  ) -> tuple[search_space.Arch, Any, list[dict], dict, dict]:
+  """Prunes the found candidate; test metrics on the supernet's weights before and after,
+  each with the candidate's own recalibrated batch-norm state (when the search has one).
+
+  Returns (pruned arch, pruned params, per-layer pruning, before, after).
+  """
+  usage = prune.expert_usage(graphdef, params, state, found, data.search,
+                             batch_size=config.data.eval_batch_size)
+  pruned_params, pruned_arch, pruning = prune.prune(params, found, usage,
+                                                    min_fraction=config.prune.min_fraction)
+  test_evaluator = _test_evaluator(config, graphdef, data)
+
+  def row(weights: Any, arch: search_space.Arch) -> dict[str, Any]:
+    own_state = state
+    if evaluator.recalibration_images is not None:  # the compiled size: P copies of arch
+      copies = search_space.stack([arch] * config.search.batch_size)
+      own_state = jax.tree.map(lambda v: v[0], evaluator.recalibrate(weights, state, copies))
+    results = _evaluate(config, test_evaluator, weights, own_state, data, arch=arch)
+    results.update(params=int(space.params(arch)), macs=int(space.macs(arch)))
+    return results
+
+  before = row(params, found)
+  removed = any(layer["removed"] for layer in pruning)
+  # Nothing removed: the same weights and arch, so the same results.
+  after = row(pruned_params, pruned_arch) if removed else copy.deepcopy(before)
+  return pruned_arch, pruned_params, pruning, before, after
 
 
 def run_search(config: Any, workdir: str | os.PathLike,
@@ -402,6 +556,7 @@ def run_search(config: Any, workdir: str | os.PathLike,
     if config.search.proxy_steps and config.search.proxy_batch_size > len(data.train["label"]):
       raise ValueError(f"config.search.proxy_batch_size={config.search.proxy_batch_size} "
                        f"exceeds the {len(data.train['label'])} training examples")
+    check_data(config, data)
     supernet_model = build_supernet(config, data)
     space = supernet_model.search_space()
     reward.check_budget(space, config.reward.param_budget, config.reward.mac_budget)
@@ -412,7 +567,9 @@ def run_search(config: Any, workdir: str | os.PathLike,
     lap("supernet")
 
     graphdef = models.split(supernet_model)[0]
-    candidates = run_evolution(config, graphdef, params, state, space, data, workdir, log)
+    evaluator = population_evaluator(config, graphdef, data)
+    candidates = run_controller(config, graphdef, params, state, space, data, workdir, log,
+                                evaluator=None if config.search.proxy_steps else evaluator)
     best = max(candidates, key=lambda record: record["reward"])
     archive = reward.ParetoArchive()
     for record in candidates:
@@ -420,29 +577,21 @@ def run_search(config: Any, workdir: str | os.PathLike,
     lap("search")
 
     found = search_space.from_json(best["arch"])
-    usage = prune.expert_usage(graphdef, params, state, found, data.search,
-                               batch_size=config.data.eval_batch_size)
-    pruned_params, pruned_arch, pruning = prune.prune(params, found, usage,
-                                                      min_fraction=config.prune.min_fraction)
-    evaluator = _test_evaluator(config, graphdef, data)
-    before = _evaluate(config, evaluator, params, state, data, arch=found)
-    before.update(params=int(space.params(found)), macs=int(space.macs(found)))
-    if any(layer["removed"] for layer in pruning):
-      after = _evaluate(config, evaluator, pruned_params, state, data, arch=pruned_arch)
-      after.update(params=int(space.params(pruned_arch)), macs=int(space.macs(pruned_arch)))
-    else:  # nothing removed: the same weights and arch, so the same results
-      after = copy.deepcopy(before)
+    pruned_arch, pruned_params, pruning, before, after = _pruning_rows(
+        config, graphdef, params, state, space, found, data, evaluator)
     log(f"[prune] {search_space.to_dict(found)} → {search_space.to_dict(pruned_arch)}: params "
         f"{before['params']:,} → {after['params']:,}")
     lap("prune")
 
     pruned_supernet = nnx.merge(graphdef, pruned_params, state)
-    found_model, trained = _train_and_evaluate(
+    found_model, trained, found_predictions = _train_and_evaluate(
         config, "final", export.standalone(pruned_supernet, pruned_arch), data, workdir, log)
     # Sizes as the search counts them (no capacity padding), like the rows above.
     trained.update(params=after["params"], macs=after["macs"])
     lap("final")
-    baselines = _baselines(config, supernet_model, data, workdir, log)
+    baselines, predictions = _baselines(config, supernet_model, data, workdir, log)
+    predictions["found"] = found_predictions
+    _save_predictions(workdir / "results" / _PREDICTIONS, predictions)
     lap("baselines")
 
     export.save(workdir / "final", found_model, model_name=config.model.name,
@@ -451,8 +600,11 @@ def run_search(config: Any, workdir: str | os.PathLike,
   summary = {
       "best": best, "pareto": archive.front,
       "final": {"trained": trained, "before_pruning": before, "after_pruning": after,
-                "arch": search_space.to_dict(pruned_arch), "pruning": pruning},
-      "baselines": baselines, "timing": timing,
+                "arch": search_space.to_dict(pruned_arch), "pruning": pruning,
+                "objective": config.train.objective.name},
+      "baselines": baselines,
+      "comparison": _comparisons(config, data, predictions, baselines),
+      "timing": timing,
       "compilations": {name: counts[f"jit({name})"] + counts[name] for name in _COMPILED},
   }
   report.write_report(workdir / "results", summary, candidates, data.group_names)
@@ -464,7 +616,7 @@ def _train_evaluate_export(config: Any, model: nnx.Module, model_name: str, arch
                            data: Data, workdir: Path, stage: str,
                            log: Callable[[str], None]) -> dict[str, Any]:
   """Trains (resumably) and tests a standalone model, exports it to workdir/final."""
-  model, results = _train_and_evaluate(config, stage, model, data, workdir, log)
+  model, results, _ = _train_and_evaluate(config, stage, model, data, workdir, log)
   export.save(workdir / "final", model, model_name=model_name, arch=arch,
               class_names=data.class_names, group_names=data.group_names)
   checkpoint.write_json_atomic(workdir / "results" / f"{stage}.json",

@@ -2,11 +2,14 @@
 
 Sandwich rule (Yu & Huang, BigNAS / slimmable networks): each step's K candidates are the
 largest, the smallest (dense) and K − 2 random ones, so the extremes of the space are always
-trained. Loss = mean over the K candidates of (cross-entropy + the routing aux losses). The
-gradient is taken once for the shared weights; the batch-norm statistics each candidate
-computes are averaged over the K candidates. Optimiser: AdamW with linear warmup and cosine
-decay, gradients clipped to global norm 1. One compiled step for the whole run; with a mesh
-the batch is split over all its devices (data parallel, weights replicated).
+trained. Loss = the training objective (`objectives.py`, e.g. ERM or group DRO) over the K
+candidates' cross-entropies, plus the mean of their routing aux losses; the objective's state
+travels with the optimizer state. The gradient is taken once for the shared weights; the
+batch-norm statistics each candidate computes are averaged over the K candidates (the search
+recalibrates them per candidate before scoring: `population.PopulationEvaluator`).
+Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to global norm 1.
+One compiled step for the whole run; with a mesh the batch is split over all its devices
+(data parallel, weights replicated).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import models
+from moenas_jax import models, objectives
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -71,14 +74,17 @@ class SupernetTrainer:
   """The jitted supernet step, `step(params, state, opt_state, batch, key)`."""
 
   def __init__(self, graphdef: nnx.GraphDef, space: SearchSpace, *, archs_per_step: int,
-               optimizer: OptimizerSettings, mesh: Mesh | None = None):
+               optimizer: OptimizerSettings, mesh: Mesh | None = None,
+               objective: objectives.Objective | None = None):
     if archs_per_step < 2:
       raise ValueError(f"archs_per_step={archs_per_step}: the sandwich rule needs at least 2 "
                        f"(the largest and the smallest candidate)")
     self.optimizer = make_optimizer(optimizer)
+    self.objective = objectives.Objective.erm() if objective is None else objective
     self.mesh = mesh
 
     def supernet_step(params, state, opt_state, batch, key):
+      optimizer_state, objective_state = opt_state
       arch_key, noise_key = jax.random.split(key)
       archs = sandwich(space, arch_key, archs_per_step)
       noise_keys = jax.random.split(noise_key, archs_per_step)
@@ -87,28 +93,29 @@ class SupernetTrainer:
         def candidate(arch, noise):
           logits, new_state, aux = models.apply(graphdef, params, state, batch["image"], arch,
                                                 train=True, key=noise)
-          ce = cross_entropy(logits, batch["label"]).mean()
           correct = (logits.argmax(-1) == batch["label"]).mean()
-          return ce + aux["aux_loss"], (ce, aux["aux_loss"], correct, new_state)
+          return cross_entropy(logits, batch["label"]), aux["aux_loss"], correct, new_state
 
-        losses, (ce, aux, correct, new_states) = jax.vmap(candidate)(archs, noise_keys)
+        ce, aux, correct, new_states = jax.vmap(candidate)(archs, noise_keys)  # ce [K, B]
         new_state = jax.tree.map(lambda v: v.mean(axis=0), new_states)
-        return losses.mean(), (ce, aux, correct, new_state)
+        loss, new_objective = self.objective.loss(ce, batch, objective_state)
+        return loss + aux.mean(), (ce.mean(-1), aux, correct, new_state, new_objective)
 
-      (loss, (ce, aux, correct, new_state)), grads = jax.value_and_grad(
+      (loss, (ce, aux, correct, new_state, objective_state)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(params)
-      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
       params = optax.apply_updates(params, updates)
       # Candidates 0 and 1 are the largest and the smallest (see `sandwich`).
       logs = {"loss": loss, "cross_entropy": ce.mean(), "aux_loss": aux.mean(),
               "accuracy_largest": correct[0], "accuracy_smallest": correct[1],
               "grad_norm": optax.tree.norm(grads)}
-      return params, new_state, opt_state, logs
+      return params, new_state, (optimizer_state, objective_state), logs
 
     self._step = jax.jit(supernet_step, donate_argnums=(0, 1, 2))
 
   def init(self, params: Any) -> Any:
-    return self.optimizer.init(params)
+    """(optimizer state, objective state): the `opt_state` that `step` takes and returns."""
+    return self.optimizer.init(params), self.objective.init()
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The batch split over every device of the mesh (unchanged without a mesh)."""

@@ -1,6 +1,8 @@
 """Standalone training of one model: the found architecture, a dense baseline, fine-tuning.
 
-Loss = cross-entropy + the model's routing `aux_loss` (0 for dense models); AdamW with linear
+Loss = the training objective (`objectives.py`: ERM's mean cross-entropy by default, or a
+group-balanced or group-DRO loss) + the model's routing `aux_loss` (0 for dense models); the
+objective's state (group DRO's weights) travels with the optimizer state. AdamW with linear
 warmup and cosine decay (`supernet.make_optimizer`), the schedule's length measured in steps
 from the data: epochs × (examples // batch_size). Batches come from `pipeline.train_batches`
 (order a function of (seed, epoch)); the gate noise key of step t is
@@ -30,7 +32,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from moenas_jax import models, supernet
+from moenas_jax import models, objectives, supernet
 from moenas_jax.checkpoint import Checkpointer
 from moenas_jax.data import pipeline
 
@@ -77,32 +79,39 @@ class Trainer:
   Several `fit` calls share the compiled step (e.g. a run and its resumption in one process).
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, settings: TrainSettings, num_examples: int):
+  def __init__(self, graphdef: nnx.GraphDef, settings: TrainSettings, num_examples: int,
+               objective: objectives.Objective | None = None):
     if not 0 < settings.batch_size <= num_examples:
       raise ValueError(f"batch_size={settings.batch_size} must be in 1..{num_examples} (the "
                        f"number of training examples); lower it or give more examples")
     self.settings, self.num_examples = settings, num_examples
     self.steps_per_epoch = num_examples // settings.batch_size
     self.optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
+    self.objective = objectives.Objective.erm() if objective is None else objective
 
     def train_step(params, state, opt_state, batch, key, step):
+      optimizer_state, objective_state = opt_state
+
       def loss_fn(params):
         logits, new_state, aux = models.apply(graphdef, params, state, batch["image"],
                                               train=True, key=jax.random.fold_in(key, step))
-        ce = supernet.cross_entropy(logits, batch["label"]).mean()
+        ce = supernet.cross_entropy(logits, batch["label"])
+        loss, new_objective = self.objective.loss(ce, batch, objective_state)
         correct = (logits.argmax(-1) == batch["label"]).mean()
-        return ce + aux["aux_loss"], (ce, aux["aux_loss"], correct, new_state)
+        return loss + aux["aux_loss"], (ce.mean(), aux["aux_loss"], correct, new_state,
+                                        new_objective)
 
-      (loss, (ce, aux, correct, new_state)), grads = jax.value_and_grad(
+      (loss, (ce, aux, correct, new_state, objective_state)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(params)
-      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
       params = optax.apply_updates(params, updates)
       logs = {"loss": loss, "cross_entropy": ce, "aux_loss": aux, "accuracy": correct,
               "grad_norm": optax.tree.norm(grads)}
-      return params, new_state, opt_state, logs
+      return params, new_state, (optimizer_state, objective_state), logs
 
     self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    self._init = jax.jit(self.optimizer.init)  # one program, not one per parameter shape
+    # One program, not one per parameter shape: (optimizer state, objective state).
+    self._init = jax.jit(lambda params: (self.optimizer.init(params), self.objective.init()))
 
   def fit(self, params: nnx.State, state: nnx.State, train_examples: pipeline.Examples, *,
           seed: int, checkpointer: Checkpointer | None = None,
@@ -124,7 +133,8 @@ class Trainer:
     device = jax.devices()[0]
     params, state = jax.device_put((params, state), device, may_alias=False)
     opt_state = jax.device_put(self._init(params), device)  # jit outputs are uncommitted
-    run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size}
+    run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size,
+           "objective": dataclasses.asdict(self.objective.settings)}
     history, done = [], 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
       _check_same_run(checkpointer, run)
@@ -168,10 +178,14 @@ def _check_same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:
 
 def train(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
           train_examples: pipeline.Examples, *, settings: TrainSettings, seed: int,
-          checkpointer: Checkpointer | None = None, log: Callable[[str], Any] | None = None
+          checkpointer: Checkpointer | None = None, log: Callable[[str], Any] | None = None,
+          objective: objectives.Objective | None = None
           ) -> tuple[nnx.State, nnx.State, list[dict]]:
-  """Trains a model from its split state; returns (params, state, history). See `Trainer.fit`."""
-  trainer = Trainer(graphdef, settings, len(train_examples["label"]))
+  """Trains a model from its split state; returns (params, state, history). See `Trainer.fit`.
+
+  `objective`: the training loss (`objectives.Objective`; None: ERM).
+  """
+  trainer = Trainer(graphdef, settings, len(train_examples["label"]), objective)
   return trainer.fit(params, state, train_examples, seed=seed, checkpointer=checkpointer,
                      log=log)
 

@@ -51,9 +51,13 @@ def test_metrics_equal_a_numpy_loop_on_the_same_logits(tiny_supernet, examples):
   for i, kind in enumerate(lighting.KINDS):  # 5 severities per kind, in LIGHTING_SET order
     np.testing.assert_allclose(result["robustness_by_kind"][kind],
                                per_entry[5 * i:5 * i + 5].mean(), atol=1e-6)
-  train_accuracy, _ = accuracies(held)
+  train_accuracy, train_groups = accuracies(held)
   np.testing.assert_allclose(result["train_accuracy"], train_accuracy, atol=1e-6)
-  np.testing.assert_allclose(result["generalization_gap"], train_accuracy - accuracy, atol=1e-6)
+  # Group-fair: per group train − evaluation accuracy, averaged (both groups in both sets).
+  np.testing.assert_allclose(result["generalization_gap"], np.mean(train_groups - groups),
+                             atol=1e-6)
+  np.testing.assert_allclose(result["pooled_generalization_gap"], train_accuracy - accuracy,
+                             atol=1e-6)
   assert "adversarial_accuracy" not in result
   bootstrap = result["bootstrap"]
   assert set(bootstrap) == {"accuracy", "group_accuracy", "disparity", "worst_group_accuracy"}

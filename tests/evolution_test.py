@@ -9,6 +9,7 @@ import pytest
 
 from moenas_jax import search_space
 from moenas_jax.compilation import count_compilations
+from moenas_jax.controllers import ScoreCache
 from moenas_jax.evolution import Evolution, EvolutionSettings, Record, select
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
 
@@ -19,7 +20,7 @@ TARGET = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
 # Most tests share N = 6, S = 3, P = 4 (one compile); P does not divide N on purpose.
 SIZES = (6, 3, 4)
 # 16 architectures (1..4 experts in 2 layers, top-1), 6 one-gene neighbours each: repeats
-# are frequent. Its tests share N = S = P = 4: every tournament holds the whole population.
+# are frequent. Its tests share N = S = 5, P = 4: every tournament holds the whole population.
 SMALL = SearchSpace(max_experts=(4, 4), max_top_k=(1, 1), layers=(MoELayerShape(4, 4, 4),) * 2,
                     base_params=0, base_macs=0)
 
@@ -33,15 +34,18 @@ def _two_experts_reward(arch):
   return -float(np.abs(np.asarray(arch.num_experts) - 2).sum())
 
 
-def _step(evolution, reward_fn):
-  """One ask/tell cycle scoring only `to_score`; returns the number of reward calls."""
+def _step(evolution, reward_fn, cache=None):
+  """One ask/tell cycle scoring only what `cache` (a `ScoreCache`, kept on the evolution
+  object between calls) does not know, as the search loop does; returns the reward calls."""
+  if cache is None:
+    cache = evolution.__dict__.setdefault("_test_cache", ScoreCache())
   archs = evolution.ask()
   rewards = np.full(evolution.settings.batch_size, np.nan)
   candidates = search_space.unstack(archs)
-  todo = evolution.to_score(archs)
+  todo = cache.to_score(archs)
   for index in todo:
     rewards[index] = reward_fn(candidates[index])
-  evolution.tell(archs, rewards)
+  evolution.tell(archs, cache.fill(archs, rewards))
   return len(todo)
 
 
@@ -63,7 +67,8 @@ def _population_keys(evolution):
     ((1, 1, 1, 0), r"population_size=1 must be at least 2"),
     ((8, 9, 2, 0), r"tournament_size=9 must be in 1..population_size=8"),
     ((8, 0, 2, 0), r"tournament_size=0 must be in"),
-    ((8, 2, 9, 0), r"batch_size=9 must be in 1..population_size=8"),
+    ((8, 2, 9, 0), r"batch_size=9 must be in 1..population_size - 1 = 7"),
+    ((8, 2, 8, 0), r"batch_size=8 .* no member ages .* not regularized evolution"),
     ((8, 2, 2, -1), r"max_remutations=-1 must be >= 0"),
 ])
 def test_settings_name_the_bad_value(sizes, message):
@@ -116,7 +121,6 @@ def test_aging_removes_the_oldest_not_the_worst():
   # oldest (100, 101) age out when the population is full.
   for rewards in (100.0 + np.arange(4), np.arange(4.0)):
     archs = evolution.ask()
-    assert len(evolution.to_score(archs)) == 4
     evolution.tell(archs, rewards)
   before = _population_keys(evolution)
   np.testing.assert_array_equal([r for _, r in evolution.population], [102, 103, 0, 1, 2, 3])
@@ -129,7 +133,7 @@ def test_aging_removes_the_oldest_not_the_worst():
 
 
 def test_whole_population_tournaments_mutate_the_best():
-  evolution, _ = _run(EvolutionSettings(4, 4, 4, seed=1), 1, SMALL, _two_experts_reward)
+  evolution, _ = _run(EvolutionSettings(5, 5, 4, seed=1), 2, SMALL, _two_experts_reward)
   # The best member; among equal rewards the youngest, as in `select`.
   best_arch, _ = max(reversed(evolution.population), key=lambda member: member[1])
   children = evolution.ask()
@@ -147,39 +151,40 @@ def test_deterministic_from_the_seed():
   assert [r.arch for r in other.history] != [r.arch for r in first.history]
 
 
-def test_the_cache_scores_each_arch_once_and_keeps_its_first_reward():
+def test_the_loop_cache_scores_each_arch_once_and_keeps_its_first_reward():
   # No re-mutation, 24 candidates in a space of 16: repeats must occur.
-  evolution = Evolution(SMALL, EvolutionSettings(4, 4, 4, seed=0, max_remutations=0))
-  scored = []
+  evolution = Evolution(SMALL, EvolutionSettings(5, 5, 4, seed=0, max_remutations=0))
+  cache, scored = ScoreCache(), []
   for _ in range(6):
     archs = evolution.ask()
-    todo = evolution.to_score(archs)
+    todo = cache.to_score(archs)
     keys = _keys(archs)
     # The first occurrence of each key not yet cached, in batch order.
     expected = [i for i, (key, arch) in enumerate(zip(keys, search_space.unstack(archs)))
-                if key not in keys[:i] and evolution.cached(arch) is None]
+                if key not in keys[:i] and cache.get(arch) is None]
     np.testing.assert_array_equal(todo, expected)
     scored += [keys[i] for i in todo]
     # Distinct rewards on every call: only the ones at `todo` may be used.
-    evolution.tell(archs, 10.0 * evolution.cycle + np.arange(4.0))
+    evolution.tell(archs, cache.fill(archs, 10.0 * evolution.cycle + np.arange(4.0)))
   assert len(scored) == len(set(scored)) < 24
   first_reward = {}
   for record in evolution.history:
     key = search_space.from_json(record.arch).key()
     assert first_reward.setdefault(key, record.reward) == record.reward
   assert len(evolution.history) == 24
-  assert evolution.cached(SMALL.dense()) == first_reward[SMALL.dense().key()]
-  assert evolution.cached(Arch(np.array([4, 4]), np.array([2, 1]))) is None
+  assert cache.get(SMALL.dense()) == first_reward[SMALL.dense().key()]
+  assert cache.get(Arch(np.array([4, 4]), np.array([2, 1]))) is None
+  assert cache.best() == max(first_reward.values())
 
 
 def test_remutation_proposes_new_archs_without_recompiling():
   calls = {}
   for retries in (0, 8):
-    evolution = Evolution(SMALL, EvolutionSettings(4, 4, 4, seed=0, max_remutations=retries))
-    calls[retries] = _step(evolution, _two_experts_reward) + _step(evolution,
-                                                                   _two_experts_reward)
-    with count_compilations() as seen:  # cycles 2..5 propose children, with retries
-      calls[retries] += sum(_step(evolution, _two_experts_reward) for _ in range(4))
+    evolution = Evolution(SMALL, EvolutionSettings(5, 5, 4, seed=0, max_remutations=retries))
+    # Cycles 0 and 1: the initial population; 2 compiles the proposal function.
+    calls[retries] = sum(_step(evolution, _two_experts_reward) for _ in range(3))
+    with count_compilations() as seen:  # cycles 3..5 propose children, with retries
+      calls[retries] += sum(_step(evolution, _two_experts_reward) for _ in range(3))
     assert seen.of("_mutants") == 0
     unique = {tuple(map(tuple, r.arch.values())) for r in evolution.history}
     assert calls[retries] == len(unique)  # each architecture scored once
@@ -231,7 +236,6 @@ def test_tell_checks_its_inputs():
     evolution.tell(archs, [1.0, 2.0, 3.0])
   with pytest.raises(ValueError, match=r"rewards\[1\] = nan must be finite"):
     evolution.tell(archs, [1.0, np.nan, 3.0, 4.0])
-  assert all(evolution.cached(arch) is None for arch in search_space.unstack(archs))
   other = jax.tree.map(lambda v: v[::-1], archs)
   with pytest.raises(ValueError, match="differ from the proposals of cycle 0"):
     evolution.tell(other, np.zeros(4))

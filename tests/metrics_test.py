@@ -123,9 +123,22 @@ def test_population_under_jit_and_vmap_accumulates_over_batches():
                              rtol=1e-6)
 
 
+def test_group_fair_gap_does_not_count_a_shift_of_group_shares():
+  # Training 95% group 0, evaluation 50/50, the same group accuracies 0.9 and 0.5 in both:
+  # no overfitting. Pooled: 0.95 · 0.9 + 0.05 · 0.5 = 0.88 against 0.7, a "gap" of 0.18.
+  np.testing.assert_allclose(metrics.generalization_gap(np.array([0.9, 0.5]),
+                                                        np.array([0.9, 0.5])), 0.0)
+  np.testing.assert_allclose(metrics.pooled_generalization_gap(0.88, 0.7), 0.18)
+  # Per group (0.1 + 0.3) / 2 = 0.2; a group empty in either split is left out: 0.1.
+  np.testing.assert_allclose(
+      metrics.generalization_gap(jnp.array([[0.9, 0.7], [0.9, NAN]]),
+                                 jnp.array([[0.8, 0.4], [0.8, 0.5]])), [0.2, 0.1], rtol=1e-5)
+  assert np.isnan(metrics.generalization_gap(np.array([NAN, 0.9]), np.array([0.5, NAN])))
+
+
 def test_gap_and_robustness():
-  np.testing.assert_allclose(metrics.generalization_gap(jnp.array([0.9, 0.7]),
-                                                        jnp.array([0.8, 0.75])),
+  np.testing.assert_allclose(metrics.pooled_generalization_gap(jnp.array([0.9, 0.7]),
+                                                               jnp.array([0.8, 0.75])),
                              [0.1, -0.05], rtol=1e-5)
   # Accuracy 0.1 · kind index + 0.01 · severity: per kind 0.1 · k + 0.03, overall 0.23.
   kinds = list(lighting.KINDS)
@@ -207,6 +220,41 @@ def test_bootstrap_intervals():
   assert 0 <= out["disparity"]["low"] < out["disparity"]["high"] < 0.2
   chex.assert_trees_all_equal(_bootstrap(half, labels, groups), out)  # deterministic in key
   assert _bootstrap(half, labels, groups, key=1)["accuracy"]["low"] != low
+
+
+def test_paired_bootstrap_of_two_models_on_the_same_resamples():
+  labels = np.arange(400) % 2
+  groups = (np.arange(400) >= 200).astype(int)
+  model = np.where(np.arange(400) % 4 < 2, labels, 1 - labels)  # half right in each group
+  # The baseline is wrong on 20 more examples, all in group 1 (of the model's right ones).
+  worse = model.copy()
+  extra = np.flatnonzero((model == labels) & (groups == 1))[:20]
+  worse[extra] = 1 - labels[extra]
+  paired = metrics.paired_bootstrap(model, worse, labels, groups, num_classes=2, num_groups=3,
+                                    key=jax.random.key(0))
+  # Accuracy +20/400; group 1 of the baseline 80/200 = 0.4 against 0.5: disparity
+  # 0 − 0.1, worst group 0.5 − 0.4.
+  np.testing.assert_allclose(paired["accuracy"]["estimate"], 0.05, atol=1e-6)
+  np.testing.assert_allclose(paired["disparity"]["estimate"], -0.1, atol=1e-6)
+  np.testing.assert_allclose(paired["worst_group_accuracy"]["estimate"], 0.1, atol=1e-6)
+  # Per resample the accuracy difference is (draws of the 20) / 400: mean 0.05, sd
+  # sqrt(400 · 0.05 · 0.95) / 400 ≈ 0.0109, so the 95% interval ≈ [0.029, 0.071].
+  low, high = paired["accuracy"]["low"], paired["accuracy"]["high"]
+  np.testing.assert_allclose([low, high], [0.029, 0.071], atol=0.008)
+  # Separate intervals are each about 0.098 wide (see above): far wider than the paired one.
+  separate = [_bootstrap(p, labels, groups)["accuracy"] for p in (model, worse)]
+  assert high - low < 0.5 * sum(i["high"] - i["low"] for i in separate)
+  # Disparity, a range, stays noisy under resampling (the model's is |a_0 − a_1| ≈ 0 ± 0.07).
+  assert paired["disparity"]["low"] < -0.1 < paired["disparity"]["high"]
+  assert paired["worst_group_accuracy"]["low"] > 0
+  same = metrics.paired_bootstrap(model, model, labels, groups, num_classes=2, num_groups=3,
+                                  key=jax.random.key(0))
+  for name in metrics.PAIRED:
+    for field in ("estimate", "low", "high"):
+      np.testing.assert_array_equal(same[name][field], 0.0)
+  with pytest.raises(ValueError, match=r"must be \[n\] arrays of one length"):
+    metrics.paired_bootstrap(model, worse[:10], labels, groups, num_classes=2, num_groups=3,
+                             key=jax.random.key(0))
 
 
 def test_bootstrap_checks_its_inputs():

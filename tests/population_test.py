@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from moenas_jax import models, population, search, search_space
+from flax import nnx
+
+from moenas_jax import evaluate, metrics, models, population, search, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting
 
@@ -52,9 +54,55 @@ def test_population_metrics_equal_a_per_candidate_loop_and_compile_once(tiny_sup
     np.testing.assert_allclose(results["disparity"][p], groups.max() - groups.min(), atol=1e-6)
     robust = np.mean([loop_accuracy(arch, evaluation, kind, s)[0] for kind, s in lighting_set])
     np.testing.assert_allclose(results["robustness"][p], robust, atol=1e-6)
-    train_accuracy, _ = loop_accuracy(arch, held)
-    np.testing.assert_allclose(results["generalization_gap"][p], train_accuracy - accuracy,
+    train_accuracy, train_groups = loop_accuracy(arch, held)
+    # Group-fair: the mean over groups of (train − evaluation) group accuracy.
+    np.testing.assert_allclose(results["generalization_gap"][p], np.mean(train_groups - groups),
                                atol=1e-6)
+    np.testing.assert_allclose(results["pooled_generalization_gap"][p],
+                               train_accuracy - accuracy, atol=1e-6)
+
+
+def test_recalibration_gives_each_candidate_the_mean_of_its_batch_statistics(tiny_supernet,
+                                                                             examples):
+  model, graphdef, params, state = tiny_supernet
+  space = model.search_space()
+  images = (examples(3, 24)["image"].astype(np.float32) / 255).reshape(3, 8, 28, 28, 3)
+  evaluator = population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES,
+                                             num_groups=NUM_GROUPS, batch_size=8,
+                                             lighting_set=(), chunk_size=2,
+                                             recalibration_images=images)
+  archs = space.sample_population(jax.random.key(4), 3)  # chunks of 2: one padded candidate
+  evaluation = examples(5, 16)
+  with count_compilations() as seen:
+    recalibrated = evaluator.recalibrate(params, state, archs)
+    results = evaluator.evaluate(params, state, archs, evaluation)
+    evaluator.evaluate(params, state, space.sample_population(jax.random.key(6), 3), evaluation)
+  assert seen.of("bn_recalibrate") == 1 and seen.of("population_counts") == 1
+  chex.assert_tree_shape_prefix(recalibrated, (3,))
+  # The stem's batch norm, by hand: the mean over the 3 batches of its conv's batch mean.
+  stem = nnx.merge(graphdef, params, state).stem.conv
+  expected_mean = np.mean([np.asarray(stem(batch)).mean((0, 1, 2)) for batch in images], 0)
+  for p in range(3):
+    np.testing.assert_allclose(recalibrated["stem"]["norm"]["mean"][...][p], expected_mean,
+                               rtol=1e-4, atol=1e-5)
+  statistics = jax.jit(lambda images, arch: models.batch_statistics(graphdef, params, state,
+                                                                    images, arch))
+  single = evaluate.Evaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
+                              batch_size=8, lighting_set=())
+  for p, arch in enumerate(search_space.unstack(archs)):
+    own = jax.tree.map(lambda *v: np.mean(v, 0), *[statistics(batch, arch) for batch in images])
+    chex.assert_trees_all_close(jax.tree.map(lambda v, p=p: v[p], recalibrated), own,
+                                rtol=1e-4, atol=1e-5)
+    # Scored with its own statistics: what one model with that state scores.
+    counts = single.counts(params, own, evaluation, arch)
+    np.testing.assert_allclose(results["accuracy"][p],
+                               metrics.summarize(counts)["accuracy"], atol=1e-6)
+  with pytest.raises(ValueError, match="no recalibration_images"):
+    population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
+                                   batch_size=8).recalibrate(params, state, archs)
+  with pytest.raises(ValueError, match=r"recalibration_images must be \[NB, B, H, W, C\]"):
+    population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
+                                   batch_size=8, recalibration_images=images[0])
 
 
 def test_padding_candidates_repeats_the_last_one():

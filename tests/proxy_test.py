@@ -124,8 +124,11 @@ def test_a_search_scores_proxy_tuned_candidates_and_resumes_exactly(tiny_superne
   space = model.search_space()
   config = smoke.get_config()
   config.data.eval_batch_size = 8
-  config.search.update(candidates=6, population_size=3, tournament_size=2, batch_size=3,
-                       proxy_steps=SETTINGS.steps, proxy_batch_size=SETTINGS.batch_size,
+  # ERM and the shared batch-norm statistics: the scores are the tuned copies' alone.
+  config.supernet.objective.name = "erm"
+  config.search.update(candidates=6, population_size=4, tournament_size=2, batch_size=3,
+                       bn_batches=0, proxy_steps=SETTINGS.steps,
+                       proxy_batch_size=SETTINGS.batch_size,
                        proxy_learning_rate=SETTINGS.learning_rate)
   search.validate(config)
   evaluation = pipeline.held_train_subset(fashion_tones.load("validation"), 24, seed=0)
@@ -135,7 +138,7 @@ def test_a_search_scores_proxy_tuned_candidates_and_resumes_exactly(tiny_superne
 
   def run(workdir, candidates):
     config.search.candidates = candidates
-    search.run_evolution(config, graphdef, params, state, space, data, workdir, log=print)
+    search.run_controller(config, graphdef, params, state, space, data, workdir, log=print)
     return report.read_candidates(workdir / "results" / "candidates.jsonl")
 
   straight = run(tmp_path / "straight", 6)

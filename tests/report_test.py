@@ -36,6 +36,10 @@ def _summary(candidates):
       "baselines": [{"name": "mobilenet_v2",
                      "metrics": {**_metrics(0.85, 0.098, 2_200_000), "robustness": None,
                                  "params": float("nan")}}],
+      "comparison": [{"baseline": "mobilenet_v2", "found_minus_baseline": {
+          "accuracy": {"estimate": 0.023, "low": -0.004, "high": 0.051},
+          "disparity": {"estimate": -0.057, "low": -0.091, "high": -0.022},
+          "worst_group_accuracy": {"estimate": 0.08, "low": None, "high": None}}}],
       "timing": {"supernet": 12.34, "search": 125.0, "final": 4000.0},
       "compilations": {"supernet_step": 1, "evaluate_population": 1},
   }
@@ -136,6 +140,8 @@ def test_write_report(tmp_path):
   assert "12 candidates scored; best reward 0.110 (cycle 2): num_experts 8-4-2 · top_k 1-2-1" \
       in text
   assert "![Accuracy vs disparity](pareto.png)" in text
+  assert "## Found model minus each baseline (paired)" in text
+  assert "| mobilenet_v2 | +2.3 [-0.4, +5.1] | -5.7 [-9.1, -2.2] | +8.0 |" in text
 
   for name in ("pareto.png", "group_accuracy.png", "search_progress.png"):
     data = paths[name].read_bytes()
@@ -175,4 +181,6 @@ def test_results_table():
                               "6.3]", "83.2", "77.3", "1.23M", "12.3M"]
   assert lines[3].split() == ["mobilenet_v2", "85.0", "9.8", "75.2", "–", "–", "22M"]
   assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
-  assert lines[4] == "time: supernet 12.3 s, search 2 min 05 s, final 1 h 06 min"
+  assert lines[4] == ("found − mobilenet_v2 (paired 95%): accuracy +2.3 [-0.4, +5.1], "
+                      "disparity -5.7 [-9.1, -2.2], worst group accuracy +8.0")
+  assert lines[5] == "time: supernet 12.3 s, search 2 min 05 s, final 1 h 06 min"

@@ -93,14 +93,30 @@ def test_results_follow_the_documented_schema(smoke_workdir):
   summary = json.loads((workdir / "results" / "summary.json").read_text())
   assert set(summary) >= {"best", "pareto", "final", "baselines", "timing", "compilations"}
   assert summary["best"]["reward"] == max(r["reward"] for r in candidates)
-  assert {b["name"] for b in summary["baselines"]} == set(config.baselines)
   trained = summary["final"]["trained"]
   assert 0.2 < trained["accuracy"] <= 1  # above chance (10 classes) after a short training
   low, high = (trained["bootstrap"]["disparity"][k] for k in ("low", "high"))
   assert low <= high
-  # One compile per stage.
+  # One compile per stage; recalibration: one more, shared by the search and pruning's rows.
   assert summary["compilations"]["supernet_step"] == 1
   assert summary["compilations"]["population_counts"] == 1
+  assert summary["compilations"]["bn_recalibrate"] == 1
+  # Trained group-balanced (the default); the dense model also with ERM, as the reference.
+  assert summary["final"]["objective"] == "group_balanced"
+  assert [(b["name"], b["objective"]) for b in summary["baselines"]] == [
+      ("mobilevit_v2_dense", "group_balanced"), ("mobilevit_v2_dense_erm", "erm")]
+  # Paired intervals of found − baseline, for every baseline, from the saved predictions.
+  assert [c["baseline"] for c in summary["comparison"]] == [b["name"]
+                                                            for b in summary["baselines"]]
+  predictions = np.load(workdir / "results" / "test_predictions.npz")
+  labels = search.load_data(config, workdir).test["label"]
+  for comparison in summary["comparison"]:
+    difference = comparison["found_minus_baseline"]["accuracy"]
+    baseline = predictions[comparison["baseline"]]
+    np.testing.assert_allclose(difference["estimate"], (predictions["found"] == labels).mean()
+                               - (baseline == labels).mean(), atol=1e-6)
+    assert difference["low"] <= difference["estimate"] <= difference["high"]
+  assert (predictions["found"] == labels).mean() == pytest.approx(trained["accuracy"], abs=1e-6)
   for name in ("report.md", "pareto.png", "group_accuracy.png", "search_progress.png"):
     assert (workdir / "results" / name).stat().st_size > 100
 
@@ -125,10 +141,42 @@ def test_a_workdir_with_another_config_is_refused(smoke_workdir):
     search.run_search(config, smoke_workdir)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("search.batch_size", 8, r"config.search: batch_size=8 must be in 1..population_size - 1 "
+                             r"= 7: with P >= N .* not regularized evolution"),
+    ("search.controller", "bo", r"config.search.controller='bo' is unknown; use one of "
+                                r"evolution, random"),
+    ("train.objective.name", "focal", r"config.train.objective: unknown objective 'focal'"),
+    ("supernet.objective.dro_step_size", 0.0, r"config.supernet.objective: dro_step_size=0.0 "
+                                              r"must be a positive number"),
+    ("search.bn_batches", -1, r"config.search.bn_batches=-1 must be at least 0"),
+])
+def test_bad_search_settings_are_refused_before_anything_runs(tmp_path, field, value, message):
+  config = smoke.get_config()
+  section, *rest = field.split(".")
+  target = config[section]
+  for name in rest[:-1]:
+    target = target[name]
+  target[rest[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    search.run_search(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_data_dependent_settings_are_refused_before_the_supernet_trains(tmp_path):
+  config = smoke.get_config()  # 1000 training examples, batches of 32
+  config.search.bn_batches = 32
+  with pytest.raises(ValueError, match=r"bn_batches=32 batches of config.supernet.batch_size=32 "
+                                       r"need 1024 distinct training examples, but the training "
+                                       r"split has 1000; lower search.bn_batches to at most 31"):
+    search.run_search(config, tmp_path / "a")
+  assert not (tmp_path / "a" / "checkpoints").exists()
+
+
 def test_bad_configs_fail_before_any_work(tmp_path):
   config = smoke.get_config()
-  config.search.candidates = 12
-  with pytest.raises(ValueError, match="candidates=12 must be a multiple"):
+  config.search.candidates = 14
+  with pytest.raises(ValueError, match="candidates=14 must be a multiple"):
     search.run_search(config, tmp_path / "a")
   config = smoke.get_config()
   config.baselines = ("vgg",)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from moenas_jax.models import mobilenet, mobilevit, resnet
+from moenas_jax.models import layers, mobilenet, mobilevit, resnet
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     mobilevit.NAME: mobilevit.MobileViTV2,
@@ -42,3 +42,20 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State, images: j
   model = nnx.merge(graphdef, params, state, copy=True)
   logits, aux = model(images, arch, train=train, key=key)
   return logits, nnx.state(model, nnx.Not(nnx.Param)), aux
+
+
+def batch_statistics(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
+                     images: jax.Array, arch: Any = None) -> nnx.State:
+  """The batch-norm statistics of one batch alone: its mean and (biased) variance per layer.
+
+  Routing and everything else run as in evaluation; each batch norm normalises with the
+  batch's own statistics, as in training, and records them unmixed (momentum 0), so the
+  mean of this over batches is a candidate's recalibrated state (SPOS, OFA, BigNAS).
+  """
+  model = nnx.merge(graphdef, params, state, copy=True)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, layers.ConvBN):
+      module.recalibrating = True
+      module.norm.momentum = 0.0
+  model(images, arch, train=False)
+  return nnx.state(model, nnx.Not(nnx.Param))

@@ -55,7 +55,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 class ConvBN(nnx.Module):
-  """Conv (no bias) → BatchNorm → optional activation; depthwise convs via `depthwise_conv`."""
+  """Conv (no bias) → BatchNorm → optional activation; depthwise convs via `depthwise_conv`.
+
+  `recalibrating` (set by `models.batch_statistics` on a traced copy): normalise with the
+  batch's statistics and record them, also outside training.
+  """
+
+  recalibrating = False
 
   def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
                groups: int = 1, activation: str | None = "relu", rngs: nnx.Rngs):
@@ -69,7 +75,7 @@ class ConvBN(nnx.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
     x = depthwise_conv(x, self.conv.kernel[...], self.stride) if depthwise else self.conv(x)
-    x = self.norm(x, use_running_average=not train)
+    x = self.norm(x, use_running_average=not (train or self.recalibrating))
     return ACTIVATIONS[self.activation](x) if self.activation else x
 
   def macs(self, height: int, width: int) -> int:

@@ -1,0 +1,65 @@
+"""What the search benchmarks share: the default search's trained supernet, read from (or
+trained into) a workdir, and stand-alone training of a candidate with the final recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from configs import default
+from moenas_jax import checkpoint, export, search, search_space
+
+# Sections of the config that the supernet checkpoint depends on.
+SUPERNET_KEYS = ("seed", "data", "model", "supernet")
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Supernet:
+  """The default config, its data and the trained supernet (model, split weights, space)."""
+
+  config: Any
+  data: search.Data
+  model: nnx.Module
+  graphdef: nnx.GraphDef
+  params: Any
+  state: Any
+  space: search_space.SearchSpace
+
+
+def trained_supernet(workdir: str | Path, config: Any = None) -> Supernet:
+  """The supernet of `config` (default: configs/default.py) from `workdir/checkpoints/supernet`
+  (a finished search leaves it there), trained there first if missing. A workdir made with
+  another model, supernet or data config is refused."""
+  config = default.get_config() if config is None else config
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.check_config(workdir, config.to_dict(),
+                          ignore=[key for key in config if key not in SUPERNET_KEYS])
+  data = search.load_data(config, workdir)
+  search.check_data(config, data)
+  model = search.build_supernet(config, data)
+  params, state = search.train_supernet(config, model, data, workdir, log)
+  nnx.update(model, params, state)
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  return Supernet(config, data, model, graphdef, params, state, model.search_space())
+
+
+def standalone(supernet: Supernet, arch: search_space.Arch, workdir: Path, name: str,
+               seed: int | None = None) -> dict[str, Any]:
+  """Test metrics of `arch` cut out of the supernet and trained with `config.train` (its
+  objective, epochs; training seed `seed`, default config.seed), resumable in `workdir`."""
+  config = supernet.config
+  if seed is not None and seed != config.seed:
+    config = config.copy_and_resolve_references()
+    config.seed = seed
+  _, results, _ = search._train_and_evaluate(
+      config, name, export.standalone(supernet.model, arch), supernet.data, workdir, log)
+  return results
