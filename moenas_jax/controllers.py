@@ -114,10 +114,6 @@ class RandomSearch:
       self._seen.add(arch.key())
     self._pending = None
 
-  def best(self) -> tuple[Arch, float]:
-    record = max(self._history, key=lambda r: r["reward"])
-    return search_space.from_json(record["arch"]), record["reward"]
-
   def state_dict(self) -> dict[str, Any]:
     return {"settings": dataclasses.asdict(self.settings), "history": list(self._history)}
 

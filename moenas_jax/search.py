@@ -450,7 +450,7 @@ def _comparisons(config: Any, data: Data, predictions: dict[str, np.ndarray],
               predictions["found"], predictions[row["name"]], data.test,
               num_classes=len(data.class_names), num_groups=len(data.group_names),
               seed=config.seed, bootstrap_resamples=config.evaluation.bootstrap_resamples)}
-          for row in baselines if row["name"] in predictions
+          for row in baselines if row["name"] in predictions and "found" in predictions
           and config.evaluation.bootstrap_resamples]
 
 
@@ -506,29 +506,34 @@ def _pruning_rows(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
                   evaluator: population.PopulationEvaluator
                   ) -> tuple[search_space.Arch, Any, list[dict], dict, dict]:
   """Prunes the found candidate; test metrics on the supernet's weights before and after,
-  each with the candidate's own recalibrated batch-norm state (when the search has one).
+  each with the candidate's own recalibrated batch-norm state (when the search has one),
+  which also routes the calibration split that counts expert usage.
 
   Returns (pruned arch, pruned params, per-layer pruning, before, after).
   """
-  usage = prune.expert_usage(graphdef, params, state, found, data.search,
-                             batch_size=config.data.eval_batch_size)
-  pruned_params, pruned_arch, pruning = prune.prune(params, found, usage,
-                                                    min_fraction=config.prune.min_fraction)
+  def own_state(weights: Any, arch: search_space.Arch) -> Any:
+    if evaluator.recalibration_images is None:
+      return state
+    copies = search_space.stack([arch] * config.search.batch_size)  # the compiled size P
+    return jax.tree.map(lambda v: v[0], evaluator.recalibrate(weights, state, copies))
+
   test_evaluator = _test_evaluator(config, graphdef, data)
 
-  def row(weights: Any, arch: search_space.Arch) -> dict[str, Any]:
-    own_state = state
-    if evaluator.recalibration_images is not None:  # the compiled size: P copies of arch
-      copies = search_space.stack([arch] * config.search.batch_size)
-      own_state = jax.tree.map(lambda v: v[0], evaluator.recalibrate(weights, state, copies))
-    results = _evaluate(config, test_evaluator, weights, own_state, data, arch=arch)
+  def row(weights: Any, arch: search_space.Arch, arch_state: Any) -> dict[str, Any]:
+    results = _evaluate(config, test_evaluator, weights, arch_state, data, arch=arch)
     results.update(params=int(space.params(arch)), macs=int(space.macs(arch)))
     return results
 
-  before = row(params, found)
+  found_state = own_state(params, found)
+  usage = prune.expert_usage(graphdef, params, found_state, found, data.search,
+                             batch_size=config.data.eval_batch_size)
+  pruned_params, pruned_arch, pruning = prune.prune(params, found, usage,
+                                                    min_fraction=config.prune.min_fraction)
+  before = row(params, found, found_state)
   removed = any(layer["removed"] for layer in pruning)
   # Nothing removed: the same weights and arch, so the same results.
-  after = row(pruned_params, pruned_arch) if removed else copy.deepcopy(before)
+  after = (row(pruned_params, pruned_arch, own_state(pruned_params, pruned_arch)) if removed
+           else copy.deepcopy(before))
   return pruned_arch, pruned_params, pruning, before, after
 
 
