@@ -3,6 +3,7 @@ trained into) a workdir, and stand-alone training of a candidate with the final 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def trained_supernet(workdir: str | Path, config: Any = None) -> Supernet:
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoint.check_config(workdir, config.to_dict(),
                           ignore=[key for key in config if key not in SUPERNET_KEYS])
-  data = search.load_data(config, workdir)
+  with contextlib.redirect_stdout(sys.stderr):  # dataset preparation prints progress
+    data = search.load_data(config, workdir)
   search.check_data(config, data)
   model = search.build_supernet(config, data)
   params, state = search.train_supernet(config, model, data, workdir, log)

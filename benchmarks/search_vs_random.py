@@ -15,7 +15,12 @@ only, so they are cached across runs (the results equal independent runs). Repor
 - `wins`: seeds where evolution's final best ≥ random's (ties count), and strictly greater;
 - `test`: for the first `--test_seeds` seeds, each controller's winner trained stand-alone
   with config.train (its objective) and its test accuracy, disparity, worst group;
-- `space`: the number of architectures in the space and the distinct ones each run scored.
+- `space`: the number of architectures in the space and the distinct ones each run scored;
+- `noise`: the standard error of one validation reward (binomial, from the winners' accuracy
+  and group accuracies: sqrt(a(1 − a)/n + Σ_g a_g(1 − a_g)/n_g)), and how many distinct
+  architectures scored by any run lie within one such error of the best reward seen: when
+  the best rewards of the two controllers differ by less than one standard error, and many
+  architectures tie within it, the budget cannot tell the controllers apart.
 """
 
 from __future__ import annotations
@@ -36,6 +41,20 @@ def _space_size(space: search_space.SearchSpace) -> int:
   """Architectures in the space: per layer, 1 (one expert) + Σ_{n ≥ 2} min(K_max, n) top-ks."""
   return math.prod(1 + sum(min(k, n) for n in range(2, e + 1))
                    for e, k in zip(space.max_experts, space.max_top_k))
+
+
+def _noise(records: list[dict]) -> dict:
+  """Standard error of one reward at the top, and the architectures within it of the best."""
+  unique = {json.dumps(r["arch"], sort_keys=True): r for r in records}
+  best = max(unique.values(), key=lambda r: r["reward"])
+  m = best["metrics"]
+  n = np.asarray(m["group_count"], np.float64)
+  a, groups = m["accuracy"], np.asarray(m["group_accuracy"], np.float64)
+  se = float(np.sqrt(a * (1 - a) / n.sum() + np.sum(groups * (1 - groups) / n)))
+  within = sum(r["reward"] >= best["reward"] - se for r in unique.values())
+  return {"reward_standard_error": round(se, 4), "best_reward_seen": round(best["reward"], 4),
+          "architectures_within_one_error_of_best": within,
+          "distinct_architectures_scored": len(unique)}
 
 
 def main() -> None:
@@ -97,6 +116,8 @@ def main() -> None:
           "seed": seed, "arch": winner["arch"], "validation_reward": winner["reward"],
           **{key: round(results[key], 4)
              for key in ("accuracy", "disparity", "worst_group_accuracy", "robustness")}})
+  noise = _noise([r for by_seed in runs.values() for records in by_seed.values()
+                   for r in records])
   wins = sum(e >= r for e, r in zip(best["evolution"], best["random"]))
   strict = sum(e > r for e, r in zip(best["evolution"], best["random"]))
   print(json.dumps({
@@ -111,6 +132,7 @@ def main() -> None:
       "curve_sd": {name: np.std(list(c.values()), 0).round(5).tolist()
                    for name, c in curves.items()},
       "test": test,
+      "noise": noise,
       "space": {"architectures": _space_size(space),
                 "distinct_scored": {name: [len(by_seed[s]) for s in args.seeds]
                                     for name, by_seed in runs.items()},

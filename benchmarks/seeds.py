@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -80,7 +82,8 @@ def main() -> None:
       summaries[seed] = json.loads(path.read_text())
     else:
       common.log(f"[seeds] seed {seed}: searching in {workdir}")
-      summaries[seed] = search.run_search(configs[seed], workdir, log=common.log)
+      with contextlib.redirect_stdout(sys.stderr):  # dataset preparation prints progress
+        summaries[seed] = search.run_search(configs[seed], workdir, log=common.log)
 
   rows = {seed: _rows(summary) for seed, summary in summaries.items()}
   names = list(rows[args.seeds[0]])
