@@ -255,6 +255,17 @@ def _bootstrap(predictions, labels, groups, key, level, *, num_classes, num_grou
   return _resampled(statistics, labels.shape[0], key, level, num_resamples)
 
 
+def _checked_bootstrap(predictions, labels, groups, num_classes, num_groups, key, num_resamples,
+                       level) -> dict[str, dict[str, np.ndarray]]:
+  """`_bootstrap` of host arrays after checking them."""
+  _check_bootstrap_inputs(predictions, labels, groups, num_classes, num_groups, num_resamples,
+                          level)
+  out = _bootstrap(jnp.asarray(predictions, jnp.int32), jnp.asarray(labels, jnp.int32),
+                   jnp.asarray(groups, jnp.int32), key, jnp.float32(level),
+                   num_classes=num_classes, num_groups=num_groups, num_resamples=num_resamples)
+  return jax.tree.map(np.asarray, out)
+
+
 def _check_bootstrap_inputs(predictions, labels, groups, num_classes, num_groups, num_resamples,
                             level) -> None:
   if not predictions.shape[-1:] == labels.shape == groups.shape or labels.ndim != 1:
@@ -288,13 +299,8 @@ def paired_bootstrap(predictions: Any, baseline_predictions: Any, labels: Any, g
   if predictions.shape != baseline_predictions.shape or predictions.ndim != 1:
     raise ValueError(f"predictions {predictions.shape} and {baseline_predictions.shape} must be "
                      f"[n] arrays of one length")
-  stacked = np.stack([predictions, baseline_predictions])
-  _check_bootstrap_inputs(stacked, labels, groups, num_classes, num_groups, num_resamples,
-                          level)
-  out = _bootstrap(jnp.asarray(stacked, jnp.int32), jnp.asarray(labels, jnp.int32),
-                   jnp.asarray(groups, jnp.int32), key, jnp.float32(level),
-                   num_classes=num_classes, num_groups=num_groups, num_resamples=num_resamples)
-  return jax.tree.map(np.asarray, out)
+  return _checked_bootstrap(np.stack([predictions, baseline_predictions]), labels, groups,
+                            num_classes, num_groups, key, num_resamples, level)
 
 
 def bootstrap_intervals(predictions: Any, labels: Any, groups: Any, *, num_classes: int,
@@ -314,12 +320,8 @@ def bootstrap_intervals(predictions: Any, labels: Any, groups: Any, *, num_class
   predictions, labels, groups = (np.asarray(a) for a in (predictions, labels, groups))
   if predictions.ndim != 1:
     raise ValueError(f"predictions {predictions.shape} must be an [n] array")
-  _check_bootstrap_inputs(predictions, labels, groups, num_classes, num_groups, num_resamples,
-                          level)
-  out = _bootstrap(jnp.asarray(predictions, jnp.int32), jnp.asarray(labels, jnp.int32),
-                   jnp.asarray(groups, jnp.int32), key, jnp.float32(level),
-                   num_classes=num_classes, num_groups=num_groups, num_resamples=num_resamples)
-  return jax.tree.map(np.asarray, out)
+  return _checked_bootstrap(predictions, labels, groups, num_classes, num_groups, key,
+                            num_resamples, level)
 
 
 def _finite_or_none(value: Any) -> Any:
