@@ -106,7 +106,13 @@ def check_data(config: Any, data: Data) -> None:
                      f"config.supernet.batch_size={config.supernet.batch_size} need {needed} "
                      f"distinct training examples, but the training split has {size}; lower "
                      f"search.bn_batches to at most {size // config.supernet.batch_size}")
-  for section in ("supernet", "train"):
+  _check_objectives(config, data, ("supernet", "train"))
+
+
+def _check_objectives(config: Any, data: Data, sections: tuple[str, ...]) -> None:
+  """Builds each section's objective on the training split, so a group that cannot be
+  balanced is named before anything compiles."""
+  for section in sections:
     try:
       _objective(config, section, data)
     except ValueError as error:
@@ -646,6 +652,7 @@ def run_train(config: Any, workdir: str | os.PathLike, model_name: str, arch: An
                                     "train_arch": arch and search_space.to_dict(arch)},
                           override=config.override_workdir)
   data = load_data(config, workdir)
+  _check_objectives(config, data, ("train",))
   if arch is not None:
     supernet_model = build_supernet(config, data)
     model = export.standalone(supernet_model, supernet_model.search_space().validate(arch))
@@ -665,6 +672,7 @@ def run_finetune(config: Any, workdir: str | os.PathLike, source: str | os.PathL
   checkpoint.check_config(workdir, {**config.to_dict(), "finetune_from": str(source)},
                           override=config.override_workdir)
   data = load_data(config, workdir)
+  _check_objectives(config, data, ("train",))
   if tuple(exported.metadata["input_shape"]) != tuple(data.image_shape):
     raise ValueError(f"the model in {source} takes images {exported.metadata['input_shape']} "
                      f"but dataset {config.data.name!r} has {list(data.image_shape)}; set the "

@@ -173,6 +173,24 @@ def test_data_dependent_settings_are_refused_before_the_supernet_trains(tmp_path
   assert not (tmp_path / "a" / "checkpoints").exists()
 
 
+def test_a_group_absent_from_training_is_named_under_group_balanced(tmp_path):
+  # Your own data: group "dark" only in validation and test.
+  rng = np.random.default_rng(0)
+  split = np.repeat([0, 1, 2], [200, 50, 50])
+  (tmp_path / "mine").mkdir()
+  np.savez(tmp_path / "mine" / "data.npz", images=rng.integers(0, 256, (300, 28, 28, 3),
+                                                               dtype=np.uint8),
+           labels=rng.integers(0, 10, 300), groups=np.where(split == 0, 0, rng.integers(0, 2, 300)),
+           split=split, group_names=["light", "dark"])
+  config = smoke.get_config()
+  config.data.update(name="npz", manual_dir=str(tmp_path / "mine"), train_size=0, eval_size=0)
+  config.search.bn_batches = 0
+  with pytest.raises(ValueError, match=r"config.train.objective: objective group_balanced: "
+                                       r"group\(s\) \['dark'\] have no training example"):
+    search.run_search(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_bad_configs_fail_before_any_work(tmp_path):
   config = smoke.get_config()
   config.search.candidates = 14
