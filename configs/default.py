@@ -5,8 +5,9 @@ r"""The default search: Fashion-Tones (embedded, 28x28 RGB, 2 tone groups) on a 
 Ends with the results table (found model vs the dense MobileViT-V2 of the same width, trained
 with the same objective and with ERM: accuracy, disparity with its 95% interval, worst group,
 robustness, params, MACs, and the paired differences); everything lands in
-runs/demo/results/. Measured on the 2-core CPU, seeds 0-2 (python -m benchmarks.seeds; the
-machine shared with other jobs: 8-11 min a seed): found 69.5 / 69.4 / 72.1% accuracy,
+runs/demo/results/. On the 2-core CPU: 8.0 min from a fresh clone with an empty XLA cache,
+install included (supernet 2.1, search 1.5, final 1.1, baselines 1.9). Seeds 0-2
+(python -m benchmarks.seeds): found 69.5 / 69.4 / 72.1% accuracy,
 disparity 5.3 / 7.4 / 5.3 points, against the dense model trained with ERM 70.2 / 70.3 /
 73.4%, 12.1 / 9.8 / 9.3 points, and the dense model trained group-balanced 5.1 / 6.6 / 4.4
 points (README, Quickstart).

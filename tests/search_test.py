@@ -6,6 +6,7 @@ The interrupted runs are subprocesses; they inherit the session's persistent XLA
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,25 @@ def test_the_exported_model_loads_and_predicts_as_evaluated(smoke_workdir):
   summary = json.loads((workdir / "results" / "summary.json").read_text())
   accuracy = (logits.argmax(-1) == test["label"]).mean()
   np.testing.assert_allclose(accuracy, summary["final"]["trained"]["accuracy"], atol=1e-6)
+
+
+def test_more_baselines_join_the_report_with_their_paired_comparisons(smoke_workdir, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir, workdir)  # the other tests read the original
+  config = smoke.get_config()
+  config.baselines = ("mobilevit_v2_dense", "resnet")
+  summary = search.run_baselines(config, workdir, log=print)
+  names = ["mobilevit_v2_dense", "mobilevit_v2_dense_erm", "resnet"]
+  assert sorted(b["name"] for b in summary["baselines"]) == names
+  assert sorted(c["baseline"] for c in summary["comparison"]) == names
+  predictions = np.load(workdir / "results" / "test_predictions.npz")
+  assert sorted(predictions.files) == ["found", *names]
+  resnet = next(c for c in summary["comparison"] if c["baseline"] == "resnet")
+  metrics_of = next(b for b in summary["baselines"] if b["name"] == "resnet")["metrics"]
+  np.testing.assert_allclose(resnet["found_minus_baseline"]["accuracy"]["estimate"],
+                             summary["final"]["trained"]["accuracy"] - metrics_of["accuracy"],
+                             atol=1e-6)
+  assert "| resnet |" in (workdir / "results" / "report.md").read_text()
 
 
 def test_a_workdir_with_another_config_is_refused(smoke_workdir):
