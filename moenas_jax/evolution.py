@@ -47,7 +47,7 @@ class EvolutionSettings:
   (0 turns it off). Each retry is one more call of the compiled proposal function (a few
   milliseconds on a 2-core CPU for P = 16, L = 9); with dozens of one-gene neighbours per
   parent, three retries find a new child unless the parent's neighbourhood is nearly all
-  scored, and then the repeat is kept: it costs no evaluation, its cached reward is reused.
+  scored, and then the repeat is kept: the search loop's cache tells it its first reward again.
   """
 
   population_size: int
@@ -229,7 +229,7 @@ class Evolution:
                    settings: EvolutionSettings, history: Iterable[Sequence]) -> Evolution:
     """Replays (arch, reward, cycle) triples (arch as an Arch or a dict) batch by batch.
 
-    Gives the same population, cache, cycle and next proposals as the run that wrote the
+    Gives the same population, cycle and next proposals as the run that wrote the
     history; raises if the history does not follow from these settings.
     """
     evolution = cls(space, settings)
