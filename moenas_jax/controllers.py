@@ -137,16 +137,23 @@ def _check_rewards(rewards: Any, batch_size: int) -> None:
 NAMES = ("evolution", "random")
 
 
-def make(name: str, space: SearchSpace, *, population_size: int, tournament_size: int,
-         batch_size: int, seed: int) -> Controller:
-  """The controller `name` (one of `NAMES`) with the search's settings."""
+def settings(name: str, *, population_size: int, tournament_size: int, batch_size: int,
+             seed: int) -> evolution.EvolutionSettings | RandomSettings:
+  """The checked settings of controller `name` (one of `NAMES`); builds nothing else, so a
+  config can be validated before anything compiles."""
   if name == "evolution":
-    return evolution.Evolution(space, evolution.EvolutionSettings(
-        population_size=population_size, tournament_size=tournament_size,
-        batch_size=batch_size, seed=seed))
+    return evolution.EvolutionSettings(population_size=population_size,
+                                       tournament_size=tournament_size,
+                                       batch_size=batch_size, seed=seed)
   if name == "random":
-    return RandomSearch(space, RandomSettings(batch_size=batch_size, seed=seed))
+    return RandomSettings(batch_size=batch_size, seed=seed)
   raise ValueError(f"unknown controller {name!r}; use one of {', '.join(NAMES)}")
+
+
+def make(name: str, space: SearchSpace, **sizes: int) -> Controller:
+  """The controller `name` with the search's settings (see `settings`)."""
+  chosen = settings(name, **sizes)
+  return (evolution.Evolution if name == "evolution" else RandomSearch)(space, chosen)
 
 
 class ScoreCache:

@@ -1,6 +1,6 @@
 """`run_search(config, workdir)`: the whole pipeline, resumable at every stage.
 
-data → supernet training → regularized evolution (population evaluator, reward, Pareto
+data → supernet training → the controller's search (population evaluator, reward, Pareto
 archive) → expert pruning of the winner → final training of the winner and the baselines
 (the same recipe) → test evaluation → export (`workdir/final/`) → report
 (`workdir/results/`). Each stage checkpoints under `workdir/checkpoints/<stage>/`; running
@@ -29,7 +29,6 @@ from moenas_jax import (
   checkpoint,
   controllers,
   evaluate,
-  evolution,
   export,
   metrics,
   models,
@@ -152,11 +151,10 @@ def validate(config: Any) -> None:
   if config.search.controller not in controllers.NAMES:
     raise ValueError(f"config.search.controller={config.search.controller!r} is unknown; use "
                      f"one of {', '.join(controllers.NAMES)}")
-  if config.search.controller == "evolution":
-    try:
-      _evolution_settings(config)
-    except ValueError as error:
-      raise ValueError(f"config.search: {error}") from None
+  try:
+    controllers.settings(config.search.controller, **_controller_sizes(config))
+  except ValueError as error:
+    raise ValueError(f"config.search: {error}") from None
   checks = [("supernet.steps", config.supernet.steps, 1),
             ("search.bn_batches", config.search.bn_batches, 0),
             ("search.candidates", config.search.candidates, config.search.batch_size),
@@ -282,11 +280,10 @@ def _reward_settings(config: Any) -> dict[str, Any]:
               param_budget=cfg.param_budget, mac_budget=cfg.mac_budget)
 
 
-def _evolution_settings(config: Any) -> evolution.EvolutionSettings:
+def _controller_sizes(config: Any) -> dict[str, int]:
   cfg = config.search
-  return evolution.EvolutionSettings(population_size=cfg.population_size,
-                                     tournament_size=cfg.tournament_size,
-                                     batch_size=cfg.batch_size, seed=config.seed)
+  return dict(population_size=cfg.population_size, tournament_size=cfg.tournament_size,
+              batch_size=cfg.batch_size, seed=config.seed)
 
 
 def _recalibration_images(config: Any, data: Data) -> np.ndarray | None:
@@ -347,9 +344,7 @@ def run_controller(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
   fine-tuned weight copies (`proxy.ProxyTuner`, key `fold_in(fold_in(key(seed), 2), cycle)`).
   """
   cfg = config.search
-  controller = controllers.make(cfg.controller, space, population_size=cfg.population_size,
-                                tournament_size=cfg.tournament_size,
-                                batch_size=cfg.batch_size, seed=config.seed)
+  controller = controllers.make(cfg.controller, space, **_controller_sizes(config))
   tuner = proxy.ProxyTuner(graphdef, proxy.ProxySettings(
       steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size,
       learning_rate=cfg.proxy_learning_rate),
