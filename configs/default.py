@@ -94,6 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
       epochs=3, batch_size=64, learning_rate=1e-3, weight_decay=0.05, warmup_fraction=0.05,
       objective=dict(name="group_balanced", units="group", dro_step_size=0.1)))
   config.baselines = ("mobilevit_v2_dense",)  # also: "mobilenet_v2", "resnet"
+  # Model options of a baseline family, e.g. {"mobilenet_v2": {"width_multiplier": 0.5}}.
+  config.baseline_options = {}
   # Test metrics of the found model and the baselines: robustness over every lighting kind at
   # these severities (all 25 perturbations by default), bootstrap intervals, optional PGD.
   config.evaluation = ml_collections.ConfigDict(dict(

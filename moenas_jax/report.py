@@ -146,6 +146,7 @@ def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
   before_pruning, after_pruning}: test metrics of the found model trained stand-alone, and on the
   supernet's weights before and after expert pruning), `baselines` (a list of {name, metrics}),
   optionally `comparison` (a list of {baseline, found_minus_baseline}: paired intervals),
+  `group_counts` ({split: examples per group}, shown next to the per-group accuracy),
   `timing` ({stage: seconds}) and `compilations` ({function: count}); test metrics may hold
   `bootstrap` (`metrics.bootstrap_intervals` output) for the disparity interval. `candidates` are
   the records of candidates.jsonl; `group_names` label the groups (default "group 0", ...). Arrays
@@ -333,8 +334,12 @@ def _markdown(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]
   grouped = [(name, m["group_accuracy"]) for name, m in models if m.get("group_accuracy")]
   if grouped:
     out.append("## Accuracy per group (%)\n")
-    out.append(_table(["group", *(name for name, _ in grouped)],
-                      ([group, *(_pct(values[g]) for _, values in grouped)]
+    counts = summary.get("group_counts") or {}
+    splits = [split for split in ("train", "test") if counts.get(split)]
+    out.append(_table(["group", *(f"{split} n" for split in splits),
+                       *(name for name, _ in grouped)],
+                      ([group, *(str(counts[split][g]) for split in splits),
+                        *(_pct(values[g]) for _, values in grouped)]
                        for g, group in enumerate(group_names))))
 
   best = summary.get("best")

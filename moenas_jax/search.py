@@ -46,7 +46,7 @@ from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting, open_dataset, pipeline
 
 # Config keys a later `run_baselines` may change in a finished workdir.
-_BASELINE_KEYS = (*checkpoint.IGNORED_CONFIG_KEYS, "baselines")
+_BASELINE_KEYS = (*checkpoint.IGNORED_CONFIG_KEYS, "baselines", "baseline_options")
 # The jitted functions whose compilations the summary reports.
 _COMPILED = ("supernet_step", "proxy_step", "bn_recalibrate", "population_counts",
              "train_step", "perturbed_counts", "usage_counts")
@@ -185,6 +185,10 @@ def validate(config: Any) -> None:
   if unknown:
     raise ValueError(f"config.baselines has unknown models {unknown}; known: "
                      f"{', '.join(sorted(models.MODELS))}")
+  stray = sorted(set(config.get("baseline_options", {})) - set(config.baselines))
+  if stray:
+    raise ValueError(f"config.baseline_options has options for {stray}, which are not in "
+                     f"config.baselines {tuple(config.baselines)}; add them there or drop them")
 
 
 class _Progress:
@@ -411,12 +415,14 @@ def _train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, w
 
 def _baseline(config: Any, name: str, supernet_model: nnx.Module | None,
               data: Data) -> nnx.Module:
-  """A dense baseline: the supernet's own dense candidate, or another family at defaults."""
+  """A dense baseline: the supernet's own dense candidate, or another family built with its
+  `config.baseline_options[name]` (e.g. {"width_multiplier": 0.5})."""
   if name == f"{config.model.name}_dense" and supernet_model is not None:
     return export.standalone(supernet_model, supernet_model.search_space().dense())
   height, width, channels = data.image_shape
+  options = dict(config.get("baseline_options", {}).get(name, {}))
   return models.build(name, rngs=nnx.Rngs(config.seed), num_classes=len(data.class_names),
-                      image_size=(height, width), channels=channels)
+                      image_size=(height, width), channels=channels, **options)
 
 
 def baseline_specs(config: Any) -> list[tuple[str, str, str]]:
@@ -610,6 +616,8 @@ def run_search(config: Any, workdir: str | os.PathLike,
                 "objective": config.train.objective.name},
       "baselines": baselines,
       "comparison": _comparisons(config, data, predictions, baselines),
+      "group_counts": {split: np.bincount(examples["group"], minlength=len(data.group_names))
+                       for split, examples in (("train", data.train), ("test", data.test))},
       "timing": timing,
       "compilations": {name: counts[f"jit({name})"] + counts[name] for name in _COMPILED},
   }

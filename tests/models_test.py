@@ -167,3 +167,25 @@ def test_vmap_over_a_population_equals_a_loop_and_compiles_once():
     np.testing.assert_allclose(batched[p], single(arch, images), rtol=1e-5, atol=1e-5)
   # Different candidates give different outputs (the arch really reaches the layers).
   assert not np.allclose(batched[0], batched[1])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet"])
+def test_the_stem_stride_follows_the_input_so_a_64px_input_costs_what_a_32px_one_does(name):
+  def macs(size, **options):
+    model = _abstract(name, num_classes=2, image_size=(size, size), **SMALL[name], **options)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    head = model.head.in_features * model.head.out_features
+    graphdef, params, state = models.split(model)
+    count = costs.count_macs(lambda p, s, x: models.apply(graphdef, p, s, x)[0], params, state,
+                             images)
+    return model.stem.stride, count, head
+
+  stride_32, macs_32, head = macs(32)
+  stride_64, macs_64, _ = macs(64)
+  assert (stride_32, stride_64) == (1, 2)
+  # Stride 2 on 64 px gives the 32 px stem's output map from the same 3x3x3 kernel: equal cost.
+  assert macs_64 == macs_32
+  # Forced stride 1: every conv sees 4x the positions; the linear head costs the same.
+  assert macs(64, stem_stride=1)[1] == 4 * (macs_32 - head) + head
+  with pytest.raises(ValueError, match="stem_stride must be 1, 2 or None"):
+    _abstract(name, num_classes=2, stem_stride=3, **SMALL[name])

@@ -40,6 +40,7 @@ def _summary(candidates):
           "accuracy": {"estimate": 0.023, "low": -0.004, "high": 0.051},
           "disparity": {"estimate": -0.057, "low": -0.091, "high": -0.022},
           "worst_group_accuracy": {"estimate": 0.08, "low": None, "high": None}}}],
+      "group_counts": {"train": [600, 300, 100], "test": [60, 30, 10]},
       "timing": {"supernet": 12.34, "search": 125.0, "final": 4000.0},
       "compilations": {"supernet_step": 1, "evaluate_population": 1},
   }
@@ -127,9 +128,9 @@ def test_write_report(tmp_path):
           "| 1.23M | 12.3M |") in text
   assert "| found, supernet weights | 88.0 | 5.0 | 83.0 | 78.0 | 78.0 | 2.0 | 1.5M | 15M |" in text
   assert "| mobilenet_v2 | 85.0 | 9.8 | 75.2 | 65.4 | – | 2.0 | – | 22M |" in text
-  assert ("| group | found, supernet weights | found, pruned, supernet weights | mobilenet_v2 |"
-          in text)
-  assert "| dark | 83.0 | 83.2 | 75.2 |" in text  # accuracy - disparity of each model
+  assert ("| group | train n | test n | found, supernet weights | found, pruned, supernet "
+          "weights | mobilenet_v2 |" in text)
+  assert "| dark | 100 | 10 | 83.0 | 83.2 | 75.2 |" in text  # accuracy - disparity of each
   # Top 10 by reward: candidates 11 down to 2; candidate 11 has experts 8-4-2.
   assert "| 1 | 0.110 | 61.0 | 9.0 | 52.0 | 12k | 120k | 8-4-2 | 1-2-1 | 2 |" in text
   assert "| 10 | 0.020 |" in text and "| 11 |" not in text

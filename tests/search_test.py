@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import smoke
-from moenas_jax import export, report, search
+from moenas_jax import costs, export, models, report, search
 from moenas_jax.data import fashion_tones
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,7 @@ def test_more_baselines_join_the_report_with_their_paired_comparisons(smoke_work
   shutil.copytree(smoke_workdir, workdir)  # the other tests read the original
   config = smoke.get_config()
   config.baselines = ("mobilevit_v2_dense", "resnet")
+  config.baseline_options = {"resnet": {"depth": 8, "width_multiplier": 0.5}}
   summary = search.run_baselines(config, workdir, log=print)
   names = ["mobilevit_v2_dense", "mobilevit_v2_dense_erm", "resnet"]
   assert sorted(b["name"] for b in summary["baselines"]) == names
@@ -152,6 +154,10 @@ def test_more_baselines_join_the_report_with_their_paired_comparisons(smoke_work
                              summary["final"]["trained"]["accuracy"] - metrics_of["accuracy"],
                              atol=1e-6)
   assert "| resnet |" in (workdir / "results" / "report.md").read_text()
+  # ResNet-8 at half width (8, 16, 32 channels), built from config.baseline_options.
+  resnet_8 = models.build("resnet", rngs=nnx.Rngs(0), num_classes=10, image_size=(28, 28),
+                          channels=3, depth=8, width_multiplier=0.5)
+  assert metrics_of["params"] == costs.count_params(resnet_8)
 
 
 def test_a_workdir_with_another_config_is_refused(smoke_workdir):
@@ -220,4 +226,9 @@ def test_bad_configs_fail_before_any_work(tmp_path):
   config.baselines = ("vgg",)
   with pytest.raises(ValueError, match="unknown models \\['vgg'\\]"):
     search.run_search(config, tmp_path / "b")
+  config = smoke.get_config()
+  config.baseline_options = {"resnet": {"depth": 8}}
+  with pytest.raises(ValueError, match=r"baseline_options has options for \['resnet'\], which "
+                                       r"are not in config.baselines"):
+    search.run_search(config, tmp_path / "c")
   assert not (tmp_path / "a").exists()

@@ -85,3 +85,14 @@ def test_a_missing_archive_says_where_to_put_it(tmp_path):
   with pytest.raises(ValueError, match=r"UTKFace needs UTKFace.tar.gz \(or its extracted "
                                        r"UTKFace/ folder\) in manual_dir"):
     data.open_dataset("utkface", tmp_path / "tfds", manual_dir=tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])
+def test_a_truncated_archive_is_named_with_the_fix(tmp_path, keep):
+  folder = _archive(tmp_path / "manual")
+  path = folder / utkface.ARCHIVE
+  payload = path.read_bytes()
+  path.write_bytes(payload[:int(len(payload) * keep)])
+  with pytest.raises(ValueError, match=r"UTKFace.tar.gz is corrupt or truncated .*; download or "
+                                       r"copy it again"):
+    data.open_dataset("utkface", tmp_path / "tfds", manual_dir=folder)

@@ -14,8 +14,10 @@ shipped.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -84,10 +86,16 @@ def _files(manual_dir: str) -> Iterator[tuple[str, bytes]]:
         with open(os.path.join(folder, name), "rb") as f:
           yield name, f.read()
     return
-  with tarfile.open(os.path.join(manual_dir, ARCHIVE), "r:gz") as archive:
-    for member in archive:
-      if member.isfile() and member.name.endswith(".jpg"):
-        yield os.path.basename(member.name), archive.extractfile(member).read()
+  path = os.path.join(manual_dir, ARCHIVE)
+  try:
+    with tarfile.open(path, "r:gz") as archive:
+      for member in archive:
+        if member.isfile() and member.name.endswith(".jpg"):
+          yield os.path.basename(member.name), archive.extractfile(member).read()
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+    raise ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
+                     f"download or copy it again, or give its extracted {FOLDER}/ folder "
+                     f"instead") from error
 
 
 class UTKFace(tfds.core.GeneratorBasedBuilder):

@@ -109,6 +109,16 @@ class InvertedResidual(nnx.Module):
     return total + self.project.macs(out_size(height, self.stride), out_size(width, self.stride))
 
 
+def stem_stride_for(image_size: tuple[int, int], stem_stride: int | None) -> int:
+  """The stem's stride: as given, or by input size: 1 up to 32 px (the CIFAR layout), else 2,
+  so a 64 px input costs what an edge net of its width should, not four times more."""
+  if stem_stride is None:
+    return 1 if min(image_size) <= 32 else 2
+  if stem_stride not in (1, 2):
+    raise ValueError(f"stem_stride must be 1, 2 or None (by input size), got {stem_stride!r}")
+  return stem_stride
+
+
 def check_image_size(model_name: str, image_size: tuple[int, int], downsampling: int) -> None:
   """Raises if the image is smaller than the model's total stride (the last map would be empty)."""
   if min(image_size) < downsampling:

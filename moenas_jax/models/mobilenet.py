@@ -1,7 +1,8 @@
 """MobileNetV2 (Sandler et al. 2018) for small images: a dense edge baseline.
 
-The ImageNet layout with width multiplier α (0.35 to 1.0); for 28 to 64 px inputs the stem
-and the second stage keep stride 1 (the usual CIFAR adaptation), an 8x total downsampling.
+The ImageNet layout with width multiplier α (0.35 to 1.0); the second stage keeps stride 1 (the
+usual CIFAR adaptation), and the stem's stride follows the input (`layers.stem_stride_for`: 1 up
+to 32 px, 2 above), an 8x or 16x total downsampling.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ class MobileNetV2(layers.DenseClassifier):
   NAME = NAME
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
-               channels: int = 3, width_multiplier: float = 1.0, stem_stride: int = 1,
+               channels: int = 3, width_multiplier: float = 1.0, stem_stride: int | None = None,
                rngs: nnx.Rngs):
-    if not 0 < width_multiplier <= 4 or num_classes < 1 or stem_stride not in (1, 2):
-      raise ValueError(f"need 0 < width_multiplier <= 4, num_classes >= 1, stem_stride in "
-                       f"{{1, 2}}; got {width_multiplier}, {num_classes}, {stem_stride}")
+    if not 0 < width_multiplier <= 4 or num_classes < 1:
+      raise ValueError(f"need 0 < width_multiplier <= 4 and num_classes >= 1; got "
+                       f"{width_multiplier}, {num_classes}")
     image_size = tuple(image_size)
+    stem_stride = layers.stem_stride_for(image_size, stem_stride)
     layers.check_image_size(NAME, image_size,
                             stem_stride * math.prod(s for *_, s in _STAGES))
     self.config = dict(num_classes=num_classes, image_size=image_size, channels=channels,

@@ -1,7 +1,8 @@
 """CIFAR-style ResNet (He et al. 2016): ResNet-8/14/20/32..., a dense edge baseline.
 
 Depth 6n + 2: a 3x3 stem, three stages of n basic blocks at 16, 32, 64 channels (times
-`width_multiplier`), strides 1, 2, 2, projection shortcuts where the shape changes.
+`width_multiplier`), strides 1, 2, 2, projection shortcuts where the shape changes. The stem's
+stride follows the input (`layers.stem_stride_for`: 1 up to 32 px, 2 above).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ResNet(layers.DenseClassifier):
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
                channels: int = 3, depth: int = 20, width_multiplier: float = 1.0,
-               rngs: nnx.Rngs):
+               stem_stride: int | None = None, rngs: nnx.Rngs):
     if depth < 8 or (depth - 2) % 6:
       raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got "
                        f"{depth}")
@@ -46,12 +47,13 @@ class ResNet(layers.DenseClassifier):
       raise ValueError(f"need width_multiplier > 0 and num_classes >= 1, got "
                        f"{width_multiplier}, {num_classes}")
     image_size = tuple(image_size)
-    layers.check_image_size(NAME, image_size, 4)
+    stem_stride = layers.stem_stride_for(image_size, stem_stride)
+    layers.check_image_size(NAME, image_size, 4 * stem_stride)
     self.config = dict(num_classes=num_classes, image_size=image_size, channels=channels,
-                       depth=depth, width_multiplier=width_multiplier)
+                       depth=depth, width_multiplier=width_multiplier, stem_stride=stem_stride)
     self.input_shape = (*image_size, channels)
     widths = [max(1, round(c * width_multiplier)) for c in (16, 32, 64)]
-    self.stem = layers.ConvBN(channels, widths[0], 3, rngs=rngs)
+    self.stem = layers.ConvBN(channels, widths[0], 3, stride=stem_stride, rngs=rngs)
     self.blocks = nnx.List()
     width = widths[0]
     for stage, out in enumerate(widths):
