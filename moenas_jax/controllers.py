@@ -11,7 +11,8 @@ candidate whose architecture was scored before is not evaluated again, its first
 told again. It checkpoints after every `ask`, with the proposals still to score (`pending`),
 so a resumed run scores exactly the proposals the killed one had in hand, also for a
 controller whose `ask` is not a deterministic function of its state. The cache is rebuilt on
-resume from the candidate log (`report.CandidateLog`), cut back to what the checkpoint knows.
+resume from the candidate log (`candidate_log.CandidateLog`), cut back to what the checkpoint
+knows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from moenas_jax import checkpoint, evolution, report, search_space
+from moenas_jax import candidate_log, checkpoint, evolution, search_space
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -219,8 +220,8 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
       if log is not None:
         log(f"[search] resumed at cycle {cycle}/{cycles}"
             f"{' with its proposals pending' if pending else ''}")
-    with report.CandidateLog(log_path, expected=logged) as candidate_log:
-      cache = ScoreCache(report.read_candidates(log_path))
+    with candidate_log.CandidateLog(log_path, expected=logged) as log_file:
+      cache = ScoreCache(candidate_log.read(log_path))
       while cycle < cycles:
         archs = pending
         if archs is None:  # a fresh proposal: saved before it is scored
@@ -234,10 +235,10 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
         rewards = np.full(len(archs.num_experts), np.nan)
         rewards[todo] = [record["reward"] for record in records]
         controller.tell(archs, cache.fill(archs, rewards))
-        candidate_log.append(records)
+        log_file.append(records)
         logged, cycle, pending = logged + len(records), cycle + 1, None
         checkpoints.save(2 * cycle, None, {"state": controller.state_dict(), "cycle": cycle,
                                            "logged": logged, "pending": None})
         if progress is not None:
           progress(cycle, f"{logged} scored, best reward {cache.best():.4f}")
-  return report.read_candidates(log_path)
+  return candidate_log.read(log_path)

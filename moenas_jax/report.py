@@ -1,37 +1,26 @@
-"""Result files of a run, under `workdir/results/`: the one module that writes them.
+"""The run's report, under `workdir/results/`: summary.json, report.md and the plots.
 
-- `candidates.jsonl`: one scored candidate per line, appended by `CandidateLog` during the
-  search; a resumed run cuts it back to what its restored controller knows.
-- `summary.json`, `report.md`, `pareto.png`, `group_accuracy.png`, `search_progress.png`:
-  written together by `write_report`, each atomically (`checkpoint.write_atomic`).
+- `write_report` writes `summary.json`, `report.md` and the figures of `plots`
+  (`pareto.png`, `group_accuracy.png`, `search_progress.png`), each atomically
+  (`checkpoint.write_atomic`).
 - `results_table`: the compact text table the launcher prints at the end.
 
-Metrics are fractions in the files (accuracy 0.873); the tables and plots show percentages
-(accuracy, robustness) and percentage points (disparity, gap). Missing values (None; NaN is
-stored as None) print as "–".
+The candidates come from the candidate log (`candidate_log`). Metrics are fractions in the
+files (accuracy 0.873); the tables and plots show percentages (accuracy, robustness) and
+percentage points (disparity, gap). Missing values (None; NaN is stored as None) print as "–".
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-from matplotlib.figure import Figure
+from typing import Any
 
 from moenas_jax import metrics as metrics_lib
+from moenas_jax import plots
 from moenas_jax.checkpoint import write_atomic, write_json_atomic
 
-if TYPE_CHECKING:
-  from typing import Self  # Python >= 3.11; annotations are not evaluated at run time
-
-RECORD_KEYS = ("arch", "metrics", "reward", "cycle")
-METRIC_KEYS = ("accuracy", "group_accuracy", "disparity", "worst_group_accuracy",
-               "worst_cell_accuracy", "robustness", "generalization_gap", "params", "macs")
 # summary["final"] keys, in table order, with their row names.
 FINAL_MODELS = (("trained", "found (pruned, trained)"),
                 ("before_pruning", "found, supernet weights"),
@@ -40,102 +29,6 @@ MISSING = "–"
 # The paired comparisons' metrics (`metrics.PAIRED`), in table order.
 PAIRED_METRICS = metrics_lib.PAIRED
 
-
-# ---------------------------------------------------------------------------------------------
-# candidates.jsonl
-
-class CandidateLog:
-  """Append-only `candidates.jsonl` that survives kill -9 and resumes.
-
-  Each `append` writes whole lines, then flushes and fsyncs. Opening drops a torn last line
-  (a write cut by a kill); with `expected`, the number of candidates the restored controller
-  state knows, later lines (scored after that checkpoint, to be scored again) are cut off too.
-  """
-
-  def __init__(self, path: str | os.PathLike, *, expected: int | None = None):
-    if expected is not None and expected < 0:
-      raise ValueError(f"expected must be a count of candidates (>= 0), got {expected}")
-    self.path = Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.touch()
-    records, ends = _scan(self.path)
-    if expected is not None and expected > len(records):
-      raise ValueError(
-          f"{self.path} holds {len(records)} candidates but the restored search state knows "
-          f"{expected}: the log was edited or lost. Restore the file, or start the search "
-          "again in a new workdir.")
-    self.count = len(records) if expected is None else expected
-    end = ends[self.count - 1] if self.count else 0
-    if end != self.path.stat().st_size:
-      os.truncate(self.path, end)
-    self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for appends; see close())
-    os.fsync(self._file.fileno())
-
-  def append(self, records: Iterable[Mapping[str, Any]]) -> None:
-    """Appends scored candidates (see `RECORD_KEYS`, `METRIC_KEYS`) and makes them durable."""
-    lines = []
-    for record in records:
-      _check_record(record)
-      lines.append(json.dumps(metrics_lib.to_python(record), allow_nan=False) + "\n")
-    self._file.write("".join(lines).encode())
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self.count += len(lines)
-
-  def __len__(self) -> int:
-    return self.count
-
-  def close(self) -> None:
-    self._file.close()
-
-  def __enter__(self) -> Self:
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
-
-
-def read_candidates(path: str | os.PathLike) -> list[dict]:
-  """The complete records of a candidate log (a torn last line is left out, the file kept)."""
-  return _scan(Path(path))[0]
-
-
-def _scan(path: Path) -> tuple[list[dict], list[int]]:
-  """Complete records and the byte offset where each one's line ends.
-
-  The last line is torn if it lacks its newline or does not parse; a bad line before it means
-  the file was edited or damaged, which is an error.
-  """
-  data = path.read_bytes()
-  records, ends, start = [], [], 0
-  while (newline := data.find(b"\n", start)) != -1:
-    line = data[start:newline]
-    start = newline + 1
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as err:
-      if data[start:].strip():
-        number = data.count(b"\n", 0, newline) + 1
-        raise ValueError(f"{path}, line {number}: not a JSON record ({err}); repair or delete "
-                         "that line") from err
-      break
-    ends.append(start)
-  return records, ends
-
-
-def _check_record(record: Mapping[str, Any]) -> None:
-  missing = [key for key in RECORD_KEYS if key not in record]
-  missing += [f"metrics.{key}" for key in METRIC_KEYS
-              if key not in (record.get("metrics") or {})]
-  if missing:
-    raise ValueError(f"candidate record lacks {missing}; every record needs {RECORD_KEYS} "
-                     f"and metrics {METRIC_KEYS} (None where not measured): {dict(record)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# summary.json, report.md, plots
 
 def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
                  candidates: Sequence[Mapping[str, Any]],
@@ -158,13 +51,14 @@ def write_report(results_dir: str | os.PathLike, summary: Mapping[str, Any],
   names = _group_names(summary, group_names)
   paths = {"summary.json": results_dir / "summary.json"}
   write_json_atomic(paths["summary.json"], summary)
-  plots = {"pareto.png": _pareto_plot(summary, candidates),
-           "group_accuracy.png": _group_plot(summary, names),
-           "search_progress.png": _progress_plot(candidates)}
-  for name, figure in plots.items():
+  models = _models(summary)
+  figures = {"pareto.png": plots.pareto(candidates, summary.get("pareto") or [], models),
+             "group_accuracy.png": plots.group_accuracy(models, names),
+             "search_progress.png": plots.search_progress(candidates)}
+  for name, figure in figures.items():
     if figure is not None:
       paths[name] = results_dir / name
-      write_atomic(paths[name], _png(figure))
+      write_atomic(paths[name], plots.png(figure))
   paths["report.md"] = results_dir / "report.md"
   write_atomic(paths["report.md"], _markdown(summary, candidates, names, paths))
   return paths
@@ -380,84 +274,3 @@ def _markdown(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]
     out.append("## Plots\n")
     out.extend(figures)
   return "\n".join(out)
-
-
-# Plots use matplotlib's object-oriented API (`Figure`, no pyplot): no global backend or
-# figure registry is touched, so nothing leaks into a notebook or into other threads.
-
-def _png(figure: Figure) -> bytes:
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-  return buffer.getvalue()
-
-
-def _metric(records: Iterable[Mapping[str, Any]], key: str) -> np.ndarray:
-  """One metric of each record as floats, NaN where missing."""
-  values = [(r.get("metrics") or {}).get(key) for r in records]
-  return np.array([np.nan if v is None else v for v in values], dtype=float)
-
-
-def _pareto_plot(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]):
-  """Accuracy vs disparity of every candidate (colour: params), the Pareto set, final models."""
-  accuracy, disparity = _metric(candidates, "accuracy"), _metric(candidates, "disparity")
-  if not np.isfinite(accuracy + disparity).any():
-    return None
-  figure = Figure(figsize=(7, 5))
-  axes = figure.add_subplot()
-  points = axes.scatter(100 * disparity, 100 * accuracy, c=_metric(candidates, "params"), s=18,
-                        cmap="viridis", plotnonfinite=True, label="candidates (search)")
-  figure.colorbar(points, ax=axes, label="params")
-  pareto = summary.get("pareto") or []
-  if pareto:
-    axes.scatter(100 * _metric(pareto, "disparity"), 100 * _metric(pareto, "accuracy"), s=90,
-                 facecolors="none", edgecolors="crimson", linewidths=1.5, label="Pareto set")
-  for (name, metrics), marker in zip(_models(summary), "*sDv^<>ph"):
-    if metrics.get("accuracy") is not None and metrics.get("disparity") is not None:
-      axes.scatter(100 * metrics["disparity"], 100 * metrics["accuracy"], marker=marker, s=140,
-                   edgecolors="black", label=f"{name} (test)")
-  axes.set_xlabel("disparity: max − min group accuracy (points)")
-  axes.set_ylabel("accuracy (%)")
-  axes.set_title("Accuracy vs disparity")
-  axes.grid(alpha=0.3)
-  axes.legend(fontsize="small")
-  return figure
-
-
-def _group_plot(summary: Mapping[str, Any], group_names: Sequence[str]):
-  """Grouped bars: one group of bars per demographic group, one bar per model."""
-  models = [(name, m["group_accuracy"]) for name, m in _models(summary)
-            if m.get("group_accuracy")]
-  if not models:
-    return None
-  figure = Figure(figsize=(min(14.0, max(6.0, 0.35 * len(group_names) * len(models) + 2)), 4.5))
-  axes = figure.add_subplot()
-  positions, width = np.arange(len(group_names)), 0.8 / len(models)
-  for i, (name, values) in enumerate(models):
-    heights = [np.nan if v is None else 100 * v for v in values]
-    axes.bar(positions + (i - (len(models) - 1) / 2) * width, heights, width, label=name)
-  axes.set_xticks(positions, group_names, rotation=30 if len(group_names) > 6 else 0,
-                  ha="right" if len(group_names) > 6 else "center")
-  axes.set_ylabel("accuracy (%)")
-  axes.set_title("Test accuracy per group")
-  axes.grid(axis="y", alpha=0.3)
-  axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  return figure
-
-
-def _progress_plot(candidates: Sequence[Mapping[str, Any]]):
-  """Reward of each scored candidate (dots) and the best reward so far (line)."""
-  rewards = np.array([np.nan if r.get("reward") is None else r["reward"] for r in candidates],
-                     dtype=float)
-  if not np.isfinite(rewards).any():
-    return None
-  scored = np.arange(1, len(rewards) + 1)
-  figure = Figure(figsize=(7, 4))
-  axes = figure.add_subplot()
-  axes.scatter(scored, rewards, s=8, alpha=0.5, label="candidate reward")
-  axes.plot(scored, np.fmax.accumulate(rewards), color="crimson", label="best so far")
-  axes.set_xlabel("candidates scored")
-  axes.set_ylabel("reward")
-  axes.set_title("Search progress")
-  axes.grid(alpha=0.3)
-  axes.legend(fontsize="small")
-  return figure

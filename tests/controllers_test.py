@@ -7,7 +7,7 @@ import pytest
 
 import jax
 
-from moenas_jax import checkpoint, controllers, evolution, report, search_space
+from moenas_jax import candidate_log, checkpoint, controllers, evolution, search_space
 from moenas_jax.search_space import MoELayerShape, SearchSpace
 
 SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
@@ -23,7 +23,7 @@ def _reward(arch):
 
 
 def _record(arch):
-  metrics = dict.fromkeys(report.METRIC_KEYS, 0.0)
+  metrics = dict.fromkeys(candidate_log.METRIC_KEYS, 0.0)
   return {"metrics": metrics, "reward": _reward(arch)}
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from moenas_jax import population, proxy, report, search, search_space
+from moenas_jax import candidate_log, population, proxy, search, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
 
@@ -139,7 +139,7 @@ def test_a_search_scores_proxy_tuned_candidates_and_resumes_exactly(tiny_superne
   def run(workdir, candidates):
     config.search.candidates = candidates
     search.run_controller(config, graphdef, params, state, space, data, workdir, log=print)
-    return report.read_candidates(workdir / "results" / "candidates.jsonl")
+    return candidate_log.read(workdir / "results" / "candidates.jsonl")
 
   straight = run(tmp_path / "straight", 6)
   run(tmp_path / "resumed", 3)  # stopped after the first cycle, then resumed

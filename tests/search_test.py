@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from moenas_jax import costs, export, models, report, search
+from moenas_jax import candidate_log, costs, export, models, search
 from moenas_jax.data import fashion_tones
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def _kill_when(process, ready, timeout=600):
 def _comparable(workdir):
   summary = json.loads((workdir / "results" / "summary.json").read_text())
   del summary["timing"], summary["compilations"]
-  return summary, report.read_candidates(workdir / "results" / "candidates.jsonl")
+  return summary, candidate_log.read(workdir / "results" / "candidates.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,11 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
 def test_results_follow_the_documented_schema(smoke_workdir):
   workdir = smoke_workdir
   config = smoke.get_config()
-  candidates = report.read_candidates(workdir / "results" / "candidates.jsonl")
+  candidates = candidate_log.read(workdir / "results" / "candidates.jsonl")
   assert len(candidates) <= config.search.candidates
   for record in candidates:
-    assert set(record) >= set(report.RECORD_KEYS)
-    assert set(record["metrics"]) >= set(report.METRIC_KEYS)
+    assert set(record) >= set(candidate_log.RECORD_KEYS)
+    assert set(record["metrics"]) >= set(candidate_log.METRIC_KEYS)
     assert len(record["metrics"]["group_accuracy"]) == 2
   summary = json.loads((workdir / "results" / "summary.json").read_text())
   assert set(summary) >= {"best", "pareto", "final", "baselines", "timing", "compilations"}
