@@ -12,7 +12,10 @@ from typing import Any
 from flax import nnx
 
 from configs import default
-from moenas_jax import checkpoint, export, search, search_space
+from moenas_jax import checkpoint, export, search_space
+from moenas_jax.stages import data as data_stage
+from moenas_jax.stages import final as final_stage
+from moenas_jax.stages import supernet as supernet_stage
 
 # Sections of the config that the supernet checkpoint depends on.
 SUPERNET_KEYS = ("seed", "data", "model", "supernet")
@@ -27,7 +30,7 @@ class Supernet:
   """The default config, its data and the trained supernet (model, split weights, space)."""
 
   config: Any
-  data: search.Data
+  data: data_stage.Data
   model: nnx.Module
   graphdef: nnx.GraphDef
   params: Any
@@ -45,10 +48,10 @@ def trained_supernet(workdir: str | Path, config: Any = None) -> Supernet:
   checkpoint.check_config(workdir, config.to_dict(),
                           ignore=[key for key in config if key not in SUPERNET_KEYS])
   with contextlib.redirect_stdout(sys.stderr):  # dataset preparation prints progress
-    data = search.load_data(config, workdir)
-  search.check_data(config, data)
-  model = search.build_supernet(config, data)
-  params, state = search.train_supernet(config, model, data, workdir, log)
+    data = data_stage.load_data(config, workdir)
+  data_stage.check_data(config, data)
+  model = supernet_stage.build_supernet(config, data)
+  params, state = supernet_stage.train_supernet(config, model, data, workdir, log)
   nnx.update(model, params, state)
   graphdef = nnx.split(model, nnx.Param, ...)[0]
   return Supernet(config, data, model, graphdef, params, state, model.search_space())
@@ -62,6 +65,6 @@ def standalone(supernet: Supernet, arch: search_space.Arch, workdir: Path, name:
   if seed is not None and seed != config.seed:
     config = config.copy_and_resolve_references()
     config.seed = seed
-  _, results, _ = search._train_and_evaluate(
+  _, results, _ = final_stage.train_and_evaluate(
       config, name, export.standalone(supernet.model, arch), supernet.data, workdir, log)
   return results

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from moenas_jax import checkpoint, evaluate, search
+from moenas_jax import checkpoint, evaluate
+from moenas_jax.stages import data as data_stage
 
 
 def _lever_pairs(names: list[str], model_name: str) -> dict[str, tuple[str, str]]:
@@ -48,7 +49,7 @@ def _lever_pairs(names: list[str], model_name: str) -> dict[str, tuple[str, str]
 def drivers(workdir: Path) -> dict:
   """The group table and the levers of one finished run."""
   config = ml_collections.ConfigDict(checkpoint.read_json(workdir / "config.json"))
-  data = search.load_data(config, workdir)
+  data = data_stage.load_data(config, workdir)
   predictions = dict(np.load(workdir / "results" / "test_predictions.npz"))
   names = sorted(predictions)
   groups, labels = data.test["group"], data.test["label"]

@@ -39,8 +39,10 @@ import numpy as np
 from scipy import stats
 
 from benchmarks import common
-from moenas_jax import evaluate, export, metrics, models, proxy, reward, search, search_space
+from moenas_jax import evaluate, export, metrics, models, proxy, reward, search_space, settings
 from moenas_jax import train as train_lib
+from moenas_jax.stages import data as data_stage
+from moenas_jax.stages import search as search_stage
 
 SCORED = ("accuracy", "disparity", "reward")
 
@@ -69,13 +71,13 @@ def _standalone(supernet: common.Supernet, arch, seeds) -> list[dict[str, np.nda
   """Search metrics of one candidate trained stand-alone once per training seed."""
   config, data = supernet.config, supernet.data
   graphdef, params, state = models.split(export.standalone(supernet.model, arch))
-  objective = search._objective(config, "train", data)
-  trainer = train_lib.Trainer(graphdef, search._train_settings(config),
+  objective = data_stage.objective(config, "train", data)
+  trainer = train_lib.Trainer(graphdef, settings.train_settings(config),
                               len(data.train["label"]), objective)
   evaluator = evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
                                  num_groups=len(data.group_names),
                                  batch_size=config.data.eval_batch_size,
-                                 lighting_set=search._lighting_set(
+                                 lighting_set=settings.lighting_set(
                                      config.search.lighting_severities))
   results = []
   for seed in seeds:
@@ -123,16 +125,16 @@ def main() -> None:
   clock = lap("data_and_supernet", begin)
 
   def scored(bn_batches: int, tuned: bool = False) -> dict[str, np.ndarray]:
-    settings = config.copy_and_resolve_references()
-    settings.search.bn_batches = bn_batches
-    evaluator = search.population_evaluator(settings, graphdef, data,
+    swept = config.copy_and_resolve_references()
+    swept.search.bn_batches = bn_batches
+    evaluator = search_stage.population_evaluator(swept, graphdef, data,
                                             per_candidate_weights=tuned)
     weights = (params, state)
     if tuned:
       tuner = proxy.ProxyTuner(graphdef, proxy.ProxySettings(
           steps=args.proxy_steps, batch_size=config.search.proxy_batch_size,
           learning_rate=config.search.proxy_learning_rate),
-          search._objective(config, "supernet", data))
+          data_stage.objective(config, "supernet", data))
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), 0)
       *weights, _ = tuner.tune(params, state, archs, data.train, key)
     return evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
@@ -155,7 +157,7 @@ def main() -> None:
   def with_reward(scores):
     values = {name: np.asarray(scores[name]) for name in ("accuracy", "disparity")}
     values["reward"] = np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
-                                                **search._reward_settings(config)))
+                                                **settings.reward_settings(config)))
     return values
 
   values = {name: with_reward(scores) for name, scores in results.items()}
@@ -186,7 +188,7 @@ def main() -> None:
                    "candidates": args.candidates, "seed": args.seed,
                    "bn_batches": config.search.bn_batches, "proxy_steps": args.proxy_steps,
                    "standalone_seeds": list(seeds),
-                   "standalone_recipe": dataclasses.asdict(search._train_settings(config)),
+                   "standalone_recipe": dataclasses.asdict(settings.train_settings(config)),
                    "train_objective": config.train.objective.to_dict(),
                    "search_split": config.data.search_split,
                    "images": len(data.search["label"]),

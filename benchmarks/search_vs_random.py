@@ -6,7 +6,7 @@ The default search's setting (configs/default.py, Fashion-Tones). The supernet i
 DIR/checkpoints/supernet (a finished default search leaves it there) or trained there first.
 For each controller seed s in `--seeds` and each controller (`evolution`, `random`), the
 search loop (`controllers.run`) proposes `search.candidates` candidates in batches of
-`search.batch_size`, scored exactly as the search scores them (`search.candidate_scorer`:
+`search.batch_size`, scored exactly as the search scores them (`stages.search.candidate_scorer`:
 recalibrated batch norm, validation metrics, the reward). Scores depend on the architecture
 only, so they are cached across runs (the results equal independent runs). Reported:
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
-from moenas_jax import controllers, search, search_space
+from moenas_jax import controllers, search_space
+from moenas_jax.stages import search as search_stage
 
 
 def _space_size(space: search_space.SearchSpace) -> int:
@@ -68,8 +69,8 @@ def main() -> None:
   workdir = Path(args.workdir)
   supernet = common.trained_supernet(workdir)
   config, space = supernet.config, supernet.space
-  evaluator = search.population_evaluator(config, supernet.graphdef, supernet.data)
-  score = search.candidate_scorer(config, evaluator, supernet.params, supernet.state, space,
+  evaluator = search_stage.population_evaluator(config, supernet.graphdef, supernet.data)
+  score = search_stage.candidate_scorer(config, evaluator, supernet.params, supernet.state, space,
                                   supernet.data, log=common.log)
   memo: dict[tuple, dict] = {}
 

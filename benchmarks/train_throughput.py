@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from configs import utkface_cpu
-from moenas_jax import costs, models, search, supernet, train
+from moenas_jax import costs, models, settings, supernet, train
 
 BATCH = 128
 
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
   config = utkface_cpu.get_config()
   size = config.data.options["image_size"]
   model = models.build(config.model.name, rngs=nnx.Rngs(0), num_classes=2,
-                       image_size=(size, size), channels=3, **search._model_options(config))
-  options = {key: value for key, value in search._model_options(config).items()
+                       image_size=(size, size), channels=3, **settings.model_options(config))
+  options = {key: value for key, value in settings.model_options(config).items()
              if key not in ("max_experts", "max_top_k", "moe_settings")}
   dense = models.build(f"{config.model.name}_dense", rngs=nnx.Rngs(0), num_classes=2,
                        image_size=(size, size), channels=3, **options)

@@ -26,7 +26,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  search.run_baselines(_CONFIG.value, _WORKDIR.value, log=common.log)
+  config = common.config(_CONFIG, _WORKDIR.value)
+  common.run_or_exit(lambda: search.run_baselines(config, _WORKDIR.value, log=common.log))
 
 
 if __name__ == "__main__":

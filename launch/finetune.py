@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import common
-from moenas_jax import search
+from moenas_jax import retrain
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(common.CONFIGS, "default.py"), "Data and training recipe.")
@@ -30,7 +30,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  search.run_finetune(_CONFIG.value, _WORKDIR.value, _FROM.value, log=common.log)
+  config = common.config(_CONFIG, _WORKDIR.value)
+  common.run_or_exit(lambda: retrain.run_finetune(config, _WORKDIR.value, _FROM.value,
+                                                    log=common.log))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ r"""Runs (or resumes) a search: `run_search(config, workdir)` from the command l
     python -m launch.search --workdir=runs/utk --config=configs/utkface.py \
         --config.data.manual_dir=/data/utkface --config.search.candidates=512
 
-Running the same command again resumes the workdir. On a TPU pod slice, add
---multihost to call `jax.distributed.initialize()` on every host first.
+Running the same command again resumes the workdir (without --config, a workdir resumes
+with the config it was made with). On a TPU pod slice, add --multihost to call
+`jax.distributed.initialize()` on every host first. A bad config value stops it before any
+work with one line, `error: config.<field>=<value>: <why>; <fix>`, and exit status 2.
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch import common
@@ -28,9 +30,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  summary = search.run_search(_CONFIG.value, _WORKDIR.value, log=common.log)
-  logging.info("results in %s", os.path.join(_WORKDIR.value, "results"))
-  del summary
+  config = common.config(_CONFIG, _WORKDIR.value)
+  common.run_or_exit(lambda: search.run_search(config, _WORKDIR.value, log=common.log))
+  common.log(f"results in {os.path.join(_WORKDIR.value, 'results')}")
 
 
 if __name__ == "__main__":

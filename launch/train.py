@@ -16,13 +16,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import common
-from moenas_jax import search, search_space
+from moenas_jax import retrain, search_space
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(common.CONFIGS, "default.py"), "Data and training recipe.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.",
                                required=True)
-_MODEL = flags.DEFINE_string("model", "mobilevit_v2_dense", "A name of moenas_jax.models.MODELS.")
+_MODEL = flags.DEFINE_string("model", "mobilevit_v2_dense",
+                             "A name of moenas_jax.models.MODELS (the dense one: config.model).")
 _ARCH = flags.DEFINE_string("arch", None, "With --model=mobilevit_v2: the candidate, as JSON.")
 
 
@@ -31,7 +32,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
   arch = search_space.from_json(_ARCH.value) if _ARCH.value else None
-  search.run_train(_CONFIG.value, _WORKDIR.value, _MODEL.value, arch, log=common.log)
+  config = common.config(_CONFIG, _WORKDIR.value)
+  common.run_or_exit(lambda: retrain.run_train(config, _WORKDIR.value, _MODEL.value, arch,
+                                                 log=common.log))
 
 
 if __name__ == "__main__":

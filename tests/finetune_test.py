@@ -3,7 +3,7 @@
 import numpy as np
 
 from configs import smoke
-from moenas_jax import export, search
+from moenas_jax import export, retrain
 
 
 def test_finetune_gives_a_new_head_trains_tests_and_exports(tmp_path, tiny_supernet):
@@ -24,7 +24,7 @@ def test_finetune_gives_a_new_head_trains_tests_and_exports(tmp_path, tiny_super
   # 80 steps: the batch-norm running statistics must settle on the new data too.
   config.train.update(epochs=10, batch_size=30, learning_rate=3e-3)
   config.evaluation.bootstrap_resamples = 50
-  results = search.run_finetune(config, tmp_path / "ft", tmp_path / "source", log=print)
+  results = retrain.run_finetune(config, tmp_path / "ft", tmp_path / "source", log=print)
   assert results["accuracy"] > 0.9  # an easy task, learnt with the new head
   tuned = export.load(tmp_path / "ft" / "final")
   assert tuned.metadata["class_names"] == ["dark", "mid", "bright"]

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from moenas_jax import candidate_log, population, proxy, search, search_space
+from moenas_jax import candidate_log, population, proxy, search_space, settings
+from moenas_jax.stages import data as data_stage
+from moenas_jax.stages import search as search_stage
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
 
@@ -99,25 +101,6 @@ def test_bad_settings_and_a_non_finite_loss_are_refused(tiny_supernet, tuner, ex
     tuner.tune(params, state, archs, images, jax.random.key(0))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("proxy_steps", -1, "proxy_steps=-1 must be at least 0"),
-    ("proxy_batch_size", 0, "proxy_batch_size=0 must be at least 1"),
-    ("proxy_learning_rate", 0.0, "proxy_learning_rate=0.0 must be positive")])
-def test_the_search_refuses_bad_proxy_settings(field, value, message):
-  config = smoke.get_config()
-  config.search[field] = value
-  with pytest.raises(ValueError, match=message):
-    search.validate(config)
-
-
-def test_a_proxy_batch_above_the_training_set_fails_before_the_supernet_trains(tmp_path):
-  config = smoke.get_config()  # 1000 training examples
-  config.search.update(proxy_steps=2, proxy_batch_size=1001)
-  with pytest.raises(ValueError, match="proxy_batch_size=1001 exceeds the 1000 training"):
-    search.run_search(config, tmp_path)
-  assert not (tmp_path / "checkpoints").exists()
-
-
 def test_a_search_scores_proxy_tuned_candidates_and_resumes_exactly(tiny_supernet, examples,
                                                                     train_examples, tmp_path):
   model, graphdef, params, state = tiny_supernet
@@ -130,15 +113,15 @@ def test_a_search_scores_proxy_tuned_candidates_and_resumes_exactly(tiny_superne
                        bn_batches=0, proxy_steps=SETTINGS.steps,
                        proxy_batch_size=SETTINGS.batch_size,
                        proxy_learning_rate=SETTINGS.learning_rate)
-  search.validate(config)
+  settings.check(config, tmp_path / "data")
   evaluation = pipeline.held_train_subset(fashion_tones.load("validation"), 24, seed=0)
-  data = search.Data(train=train_examples, held=examples(1, 8), search=evaluation,
+  data = data_stage.Data(train=train_examples, held=examples(1, 8), search=evaluation,
                      robust=evaluation, test=evaluation, class_names=fashion_tones.CLASS_NAMES,
                      group_names=fashion_tones.GROUP_NAMES, image_shape=(28, 28, 3))
 
   def run(workdir, candidates):
     config.search.candidates = candidates
-    search.run_controller(config, graphdef, params, state, space, data, workdir, log=print)
+    search_stage.run_controller(config, graphdef, params, state, space, data, workdir, log=print)
     return candidate_log.read(workdir / "results" / "candidates.jsonl")
 
   straight = run(tmp_path / "straight", 6)

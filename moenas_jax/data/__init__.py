@@ -46,15 +46,8 @@ class Dataset:
   image_shape: tuple[int, int, int]
 
 
-def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
-                 **options) -> Dataset:
-  """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
-
-  Datasets made from files you have (`npz`, `csv`, `utkface`, `facet`) read them from
-  `manual_dir`; those from the TFDS catalog (`cifar10s`, `cifar10_corrupted`, `celeb_a`) need
-  TensorFlow to prepare. `options` go to their config (e.g. `filename`, `task`, `sensitive`,
-  `image_size`, `seed`).
-  """
+def _builder(name: str, data_dir: str, manual_dir: str | None, options: dict
+             ) -> tfds.core.GeneratorBasedBuilder:
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
   config = None
@@ -66,12 +59,35 @@ def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
     config = _CATALOG_CONFIGS[name](**options)
   elif options:
     raise ValueError(f"dataset {name!r} takes no options, got {sorted(options)}")
-  builder = DATASETS[name](data_dir=os.fspath(data_dir), config=config,
-                           file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir) if manual_dir else None))
+  return DATASETS[name](data_dir=os.fspath(data_dir), config=config, file_format="array_record")
+
+
+def _dataset(name: str, builder: tfds.core.GeneratorBasedBuilder, splits: dict) -> Dataset:
   features = builder.info.features
-  return Dataset(name=name, splits=dict(builder.as_data_source()),
-                 class_names=tuple(features["label"].names),
+  return Dataset(name=name, splits=splits, class_names=tuple(features["label"].names),
                  group_names=tuple(features["group"].names),
                  image_shape=tuple(features["image"].shape))
+
+
+def describe_dataset(name: str, data_dir: str, manual_dir: str | None = None,
+                     **options) -> Dataset:
+  """The dataset's classes, groups and image shape, without preparing it (no `splits`).
+
+  Checks the name, the options and that the files a manual dataset reads are there.
+  """
+  return _dataset(name, _builder(name, data_dir, manual_dir, options), {})
+
+
+def open_dataset(name: str, data_dir: str, manual_dir: str | None = None,
+                 **options) -> Dataset:
+  """Prepares the dataset under `data_dir` once (array_record), then opens its splits.
+
+  Datasets made from files you have (`npz`, `csv`, `utkface`, `facet`) read them from
+  `manual_dir`; those from the TFDS catalog (`cifar10s`, `cifar10_corrupted`, `celeb_a`) need
+  TensorFlow to prepare. `options` go to their config (e.g. `filename`, `task`, `sensitive`,
+  `image_size`, `seed`).
+  """
+  builder = _builder(name, data_dir, manual_dir, options)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir) if manual_dir else None))
+  return _dataset(name, builder, dict(builder.as_data_source()))

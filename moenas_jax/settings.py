@@ -1,0 +1,333 @@
+"""A config (`configs/*.py`) checked field by field, and the typed settings the stages use.
+
+`check(config)` runs before any data is prepared or anything compiles: every field's type and
+range, the cross-field rules (candidates a multiple of the batch, tournament within the
+population, …), the model built abstractly (`nnx.eval_shape`, nothing compiles) on the
+dataset's image shape, and the budgets against the smallest candidate of its space.
+`check_data(config, data)` adds the rules that need the split sizes, once they are read.
+Both raise `ConfigError`, whose message is `config.<field>=<value>: <why>; <fix>`; the
+launchers print it as one `error: …` line and exit with status 2.
+
+The builders (`supernet_optimizer`, `train_settings`, `proxy_settings`, `controller_sizes`,
+`reward_settings`, `objective_settings`, `lighting_set`, `model_options`) are the one place
+a config section becomes the typed settings of the module that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from moenas_jax import controllers, models, objectives, proxy, reward, supernet, train
+from moenas_jax.data import DATASETS, describe_dataset, lighting
+
+
+class ConfigError(ValueError):
+  """A bad config value: `config.<field>=<value>: <why>; <fix>`."""
+
+  def __init__(self, field: str, value: Any, why: str, fix: str):
+    value = value.to_dict() if hasattr(value, "to_dict") else value  # a ConfigDict
+    self.field, self.value, self.why, self.fix = field, value, why, fix
+    super().__init__(f"config.{field}={value!r}: {why}; {fix}")
+
+
+def _value(config: Any, field: str) -> Any:
+  for name in field.split("."):
+    config = config[name]
+  return config
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _integer(config: Any, field: str, minimum: int, fix: str, maximum: int | None = None) -> int:
+  value = _value(config, field)
+  if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+    bounds = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+    raise ConfigError(field, value, f"must be an integer {bounds}", fix)
+  return value
+
+
+def _number(config: Any, field: str, fix: str, *, low: float = 0.0, high: float = math.inf,
+            open_low: bool = False, open_high: bool = False) -> float:
+  value = _value(config, field)
+  ok = _is_number(value) and (value > low if open_low else value >= low) and (
+      value < high if open_high else value <= high)
+  if not ok:
+    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    raise ConfigError(field, value, f"must be a finite number in {bounds}", fix)
+  return value
+
+
+def _choice(config: Any, field: str, choices: Any, fix: str) -> Any:
+  value = _value(config, field)
+  if value not in choices:
+    raise ConfigError(field, value, f"is unknown; choose one of {', '.join(sorted(choices))}",
+                      fix)
+  return value
+
+
+def _severities(config: Any, field: str) -> tuple[int, ...]:
+  value = _value(config, field)
+  if (not isinstance(value, (tuple, list)) or not value
+      or any(s not in lighting.SEVERITIES or not _is_int(s) for s in value)):
+    raise ConfigError(field, value, f"must be a non-empty tuple of severities in "
+                      f"{lighting.SEVERITIES}", f"e.g. --config.{field}='(1,3,5)'")
+  return tuple(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The builders: a config section → the typed settings of the module that uses it.
+
+def objective_settings(config: Any, section: str) -> objectives.ObjectiveSettings:
+  """`config.<section>.objective`, each field checked."""
+  field = f"{section}.objective"
+  known = [f.name for f in dataclasses.fields(objectives.ObjectiveSettings)]
+  unknown = sorted(set(_value(config, field).keys()) - set(known))
+  if unknown:
+    raise ConfigError(field, _value(config, field), f"has unknown settings {unknown}",
+                      f"use {', '.join(known)}")
+  _choice(config, f"{field}.name", objectives.NAMES, "e.g. group_balanced")
+  _choice(config, f"{field}.units", objectives.UNITS, "groups, or (class, group) cells")
+  _number(config, f"{field}.dro_step_size", "the step of group DRO's weights, e.g. 0.1",
+          open_low=True, high=100)
+  return objectives.ObjectiveSettings.from_config(config[section].objective)
+
+
+def model_options(config: Any) -> dict[str, Any]:
+  """`config.model` without its name: the supernet family's keyword arguments."""
+  options = {key: value for key, value in config.model.items() if key != "name"}
+  options["moe_settings"] = dict(options.get("moe_settings") or {})
+  return options
+
+
+def supernet_optimizer(config: Any) -> supernet.OptimizerSettings:
+  cfg = config.supernet
+  return supernet.OptimizerSettings(learning_rate=cfg.learning_rate,
+                                    weight_decay=cfg.weight_decay,
+                                    warmup_steps=min(cfg.warmup_steps, cfg.steps),
+                                    total_steps=cfg.steps)
+
+
+def train_settings(config: Any) -> train.TrainSettings:
+  cfg = config.train
+  return train.TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             warmup_fraction=cfg.warmup_fraction)
+
+
+def proxy_settings(config: Any) -> proxy.ProxySettings:
+  cfg = config.search
+  return proxy.ProxySettings(steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size,
+                             learning_rate=cfg.proxy_learning_rate)
+
+
+def controller_sizes(config: Any) -> dict[str, int]:
+  cfg = config.search
+  return dict(population_size=cfg.population_size, tournament_size=cfg.tournament_size,
+              batch_size=cfg.batch_size, seed=config.seed)
+
+
+def reward_settings(config: Any) -> dict[str, Any]:
+  """The keywords of `reward.reward`: the weights and the hard budgets."""
+  cfg = config.reward
+  return dict(weights=reward.RewardWeights(disparity=cfg.disparity, robustness=cfg.robustness,
+                                           gap=cfg.gap, worst_cell=cfg.worst_cell),
+              param_budget=cfg.param_budget, mac_budget=cfg.mac_budget)
+
+
+def lighting_set(severities: tuple[int, ...]) -> list[tuple[str, int]]:
+  """Every lighting kind at each of `severities`."""
+  return [(kind, severity) for kind in lighting.KINDS for severity in severities]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks.
+
+def _check_data_section(config: Any) -> None:
+  _choice(config, "data.name", DATASETS, "--config.data.name=fashion_tones is embedded; "
+          "npz / csv / utkface / facet read config.data.manual_dir")
+  for field in ("data.train_size", "data.eval_size"):
+    _integer(config, field, 0, "0 uses the whole split")
+  _integer(config, "data.held_train_size", 1, "e.g. 250 training examples for the gap")
+  _integer(config, "data.eval_batch_size", 1, "e.g. 250")
+  if not hasattr(config.data.options, "items"):
+    raise ConfigError("data.options", config.data.options, "must be a mapping of dataset "
+                      "options", "e.g. --config.data.options='{\"task\": \"gender\"}'")
+
+
+def _check_model_section(config: Any) -> None:
+  supernets = [name for name, family in models.MODELS.items()
+               if hasattr(family, "search_space")]
+  _choice(config, "model.name", supernets, "the supernet is an MoE family; baselines go in "
+          "config.baselines")
+  _number(config, "model.width_multiplier", "e.g. 0.25 or 0.5", open_low=True, high=8)
+  experts = _integer(config, "model.max_experts", 1, "e.g. 4")
+  _integer(config, "model.max_top_k", 1, f"at most config.model.max_experts={experts}",
+           maximum=experts)
+
+
+def _check_supernet_section(config: Any) -> None:
+  _integer(config, "supernet.steps", 1, "e.g. 400")
+  size = _integer(config, "supernet.batch_size", 1, "e.g. 64")
+  devices = jax.device_count()
+  if size % devices:
+    raise ConfigError("supernet.batch_size", size, f"must be a multiple of the {devices} "
+                      f"devices (data parallel)", f"use {devices * max(1, size // devices)}")
+  _integer(config, "supernet.archs_per_step", 2, "the sandwich rule trains the largest and "
+           "the smallest candidate: 2 or more")
+  _number(config, "supernet.learning_rate", "e.g. 3e-3", open_low=True, high=10)
+  _number(config, "supernet.weight_decay", "e.g. 0.05, or 0 for none", high=10)
+  _integer(config, "supernet.warmup_steps", 0, "e.g. 50, or 0 for none")
+  _integer(config, "supernet.checkpoint_every", 1, "e.g. 100 steps")
+  objective_settings(config, "supernet")
+
+
+def _check_search_section(config: Any) -> None:
+  cfg = config.search
+  _choice(config, "search.controller", controllers.NAMES, "e.g. evolution")
+  batch = _integer(config, "search.batch_size", 1, "e.g. 8 candidates per cycle")
+  population = _integer(config, "search.population_size", 2, "e.g. 32")
+  if cfg.controller == "evolution":
+    _integer(config, "search.tournament_size", 1, f"at most config.search.population_size="
+             f"{population}", maximum=population)
+    if batch >= population:
+      raise ConfigError("search.batch_size", batch, f"must be below config.search."
+                        f"population_size={population} (each cycle the P oldest die)",
+                        f"lower it or raise population_size above {batch}")
+  candidates = _integer(config, "search.candidates", batch,
+                        f"at least one cycle of config.search.batch_size={batch}")
+  if candidates % batch:
+    raise ConfigError("search.candidates", candidates, f"must be a multiple of config.search."
+                      f"batch_size={batch} (one evaluator call scores a batch)",
+                      f"use {candidates // batch * batch} or {(candidates // batch + 1) * batch}")
+  _integer(config, "search.bn_batches", 0, "e.g. 10, or 0 for the shared statistics")
+  _severities(config, "search.lighting_severities")
+  _integer(config, "search.robustness_size", 1, "e.g. 250")
+  _integer(config, "search.proxy_steps", 0, "0 turns proxy fine-tuning off")
+  _integer(config, "search.proxy_batch_size", 1, "e.g. 64")
+  _number(config, "search.proxy_learning_rate", "e.g. 0.003", open_low=True, high=10)
+  _integer(config, "search.chunk_size", 0, "0 scores the whole batch at once")
+  try:
+    controllers.settings(cfg.controller, **controller_sizes(config))
+  except ValueError as error:
+    raise ConfigError("search", controller_sizes(config), str(error),
+                      "fix those sizes of config.search") from None
+
+
+def _check_reward_section(config: Any) -> None:
+  for name in ("disparity", "robustness", "gap", "worst_cell"):
+    _number(config, f"reward.{name}", "a weight >= 0 (0 turns the term off)", high=1e6)
+  for name in ("param_budget", "mac_budget"):
+    value = config.reward[name]
+    if value is not None and not (_is_number(value) and value > 0):
+      raise ConfigError(f"reward.{name}", value, "must be a positive number", "or None for "
+                        "no budget")
+
+
+def _check_final_sections(config: Any) -> None:
+  _number(config, "prune.min_fraction", "an expert is pruned below this share of its "
+          "layer's tokens; e.g. 0.05", high=1, open_high=True)
+  _integer(config, "train.epochs", 1, "e.g. 3")
+  _integer(config, "train.batch_size", 1, "e.g. 64")
+  _number(config, "train.learning_rate", "e.g. 1e-3", open_low=True, high=10)
+  _number(config, "train.weight_decay", "e.g. 0.05, or 0 for none", high=10)
+  _number(config, "train.warmup_fraction", "a share of all steps, e.g. 0.05", high=1)
+  objective_settings(config, "train")
+  if isinstance(config.baselines, str) or not isinstance(config.baselines, (tuple, list)):
+    raise ConfigError("baselines", config.baselines, "must be a tuple of model names",
+                      "e.g. --config.baselines='(\"mobilevit_v2_dense\", \"resnet\")'")
+  unknown = [name for name in config.baselines if name not in models.MODELS]
+  if unknown:
+    raise ConfigError("baselines", tuple(config.baselines), f"has unknown models {unknown}",
+                      f"use names of {', '.join(sorted(models.MODELS))}")
+  options = config.get("baseline_options", {})
+  stray = sorted(set(options) - set(config.baselines))
+  if stray:
+    raise ConfigError("baseline_options", options, f"has options for {stray}, which "
+                      f"are not in config.baselines", "add them there or drop their options")
+  _severities(config, "evaluation.lighting_severities")
+  _integer(config, "evaluation.bootstrap_resamples", 0, "e.g. 1000, or 0 for no intervals")
+  _integer(config, "evaluation.pgd_steps", 0, "0 turns the PGD attack off")
+
+
+def check(config: Any, data_dir: Any) -> None:
+  """Every field of `config`, before data is prepared or anything compiles (`ConfigError`).
+
+  `data_dir`: where the dataset is prepared (`config.data.data_dir` or the workdir's).
+  """
+  _integer(config, "seed", 0, "e.g. --config.seed=0")
+  _integer(config, "log_every", 1, "e.g. 50 steps")
+  _check_data_section(config)
+  _check_model_section(config)
+  _check_supernet_section(config)
+  _check_search_section(config)
+  _check_reward_section(config)
+  _check_final_sections(config)
+  cfg = config.data
+  try:
+    dataset = describe_dataset(cfg.name, cfg.data_dir or data_dir,
+                               manual_dir=cfg.manual_dir or None, **dict(cfg.options))
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    if "manual_dir" in str(error):  # the files a manual dataset reads
+      raise ConfigError("data.manual_dir", cfg.manual_dir, str(error),
+                        "point it at the folder that holds them") from None
+    raise ConfigError("data.options", dict(cfg.options), str(error),
+                      f"see the options of dataset {cfg.name!r} (moenas_jax/data/)") from None
+  height, width, channels = dataset.image_shape
+  try:
+    space = nnx.eval_shape(lambda: models.build(
+        config.model.name, rngs=nnx.Rngs(config.seed), num_classes=len(dataset.class_names),
+        image_size=(height, width), channels=channels, **model_options(config))).search_space()
+  except (ValueError, TypeError) as error:
+    raise ConfigError("model", config.model.to_dict(), str(error),
+                      "fix that field of config.model") from None
+  dense = space.dense()
+  for name, minimum, unit in (("param_budget", int(space.params(dense)), "parameters"),
+                              ("mac_budget", int(space.macs(dense)), "MACs per image")):
+    budget = config.reward[name]
+    if budget is not None and budget < minimum:
+      raise ConfigError(f"reward.{name}", budget, f"is below the {minimum:,} {unit} of the "
+                        f"smallest candidate (one expert, top-1 in every layer), so no "
+                        f"candidate fits", f"raise it to at least {minimum:,} or search a "
+                        f"smaller supernet")
+
+
+def check_data(config: Any, train_size: int, unit_check: Callable[[str], Any],
+               sections: tuple[str, ...] = ("supernet", "train")) -> None:
+  """The rules that need the training split's size (`ConfigError`), before anything compiles.
+
+  `sections`: the stages that will run ("supernet" covers the search's batches too).
+  `unit_check(section)`: builds that section's objective on the data, raising ValueError
+  when a group cannot be balanced.
+  """
+  fix = f"at most the {train_size} training examples"
+  if "train" in sections:
+    _integer(config, "train.batch_size", 1, fix, maximum=train_size)
+  if "supernet" in sections:
+    _integer(config, "supernet.batch_size", 1, fix, maximum=train_size)
+    if config.search.proxy_steps:
+      _integer(config, "search.proxy_batch_size", 1, fix, maximum=train_size)
+    batches, size = config.search.bn_batches, config.supernet.batch_size
+    if batches * size > train_size:
+      raise ConfigError("search.bn_batches", batches, f"{batches} batches of config.supernet."
+                        f"batch_size={size} need {batches * size} distinct training examples, "
+                        f"but the training split has {train_size}",
+                        f"lower it to at most {train_size // size}")
+  for section in sections:
+    try:
+      unit_check(section)
+    except ValueError as error:
+      raise ConfigError(f"{section}.objective", config[section].objective.to_dict(),
+                        str(error), "choose another objective") from None
