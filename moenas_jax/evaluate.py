@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moenas_jax import costs, metrics, models, population, supernet
+from moenas_jax import costs, loss, metrics, models, population
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -67,11 +67,12 @@ class Evaluator:
       return out.argmax(-1), counts(out, batch, totals)
 
     def adversarial_counts(params, state, arch, batch, key, totals):
-      def loss(images, labels):
-        ce = supernet.cross_entropy(logits(params, state, arch, images), labels)
+      def attacked_loss(images, labels):
+        ce = loss.cross_entropy(logits(params, state, arch, images), labels)
         return (ce * batch["mask"]).sum()
 
-      images = metrics.pgd_attack(loss, batch["image"], batch["label"], key=key, steps=pgd_steps)
+      images = metrics.pgd_attack(attacked_loss, batch["image"], batch["label"], key=key,
+                                  steps=pgd_steps)
       return counts(logits(params, state, arch, images), batch, totals)
 
     self._counts = jax.jit(perturbed_counts)

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moenas_jax import models, objectives, supernet
+from moenas_jax import loop, loss, objectives
 from moenas_jax.data import pipeline
 from moenas_jax.search_space import Arch
 
@@ -79,23 +79,9 @@ class ProxyTuner:
       noise = jax.random.fold_in(key, step)
 
       def candidate(params, state, opt_state, arch):
-        optimizer_state, objective_state = opt_state
-
-        def loss_fn(params):
-          logits, new_state, aux = models.apply(graphdef, params, state, batch["image"], arch,
-                                                train=True, key=noise)
-          ce = supernet.cross_entropy(logits, batch["label"])
-          loss, new_objective = objective.loss(ce, batch, objective_state)
-          correct = (logits.argmax(-1) == batch["label"]).mean()
-          return loss + aux["aux_loss"], (ce.mean(), correct, new_state, new_objective)
-
-        (loss, (ce, correct, new_state, objective_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
-        updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
-        logs = {"loss": loss, "cross_entropy": ce, "accuracy": correct,
-                "grad_norm": optax.tree.norm(grads)}
-        return (optax.apply_updates(params, updates), new_state,
-                (optimizer_state, objective_state), logs)
+        return loss.update(self.optimizer, objective,
+                           lambda params: loss.terms(graphdef, params, state, batch, arch, noise),
+                           params, opt_state, batch)
 
       return jax.vmap(candidate)(params, state, opt_state, archs)
 
@@ -116,12 +102,15 @@ class ProxyTuner:
     batch_key, noise_key = jax.random.split(key)
     batches = pipeline.sampled_batches(examples, self.settings.batch_size, self.settings.steps,
                                        np.asarray(jax.random.key_data(batch_key)))
-    logs = []
-    for step, batch in enumerate(batches):
-      params, state, opt_state, step_logs = self._step(
-          params, state, opt_state, archs, batch,
-          noise_key, np.int32(step))
-      logs.append(step_logs)
+
+    def step(carry, batch, t):
+      *carry, logs = self._step(*carry, archs, batch, noise_key, np.int32(t))
+      return tuple(carry), logs
+
+    fitted = loop.fit(step, (params, state, opt_state), batches=lambda epoch: batches,
+                      steps_per_epoch=max(self.settings.steps, 1),
+                      total_steps=self.settings.steps, name="proxy", check=None)
+    (params, state, _), logs = fitted.carry, fitted.step_logs
     size = archs.num_experts.shape[0]
     logs = {name: np.asarray([entry[name] for entry in logs], np.float32).reshape(-1, size)
             for name in ("loss", "cross_entropy", "accuracy", "grad_norm")}

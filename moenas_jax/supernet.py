@@ -2,11 +2,11 @@
 
 Sandwich rule (Yu & Huang, BigNAS / slimmable networks): each step's K candidates are the
 largest, the smallest (dense) and K − 2 random ones, so the extremes of the space are always
-trained. Loss = the training objective (`objectives.py`, e.g. ERM or group DRO) over the K
-candidates' cross-entropies, plus the mean of their routing aux losses; the objective's state
-travels with the optimizer state. The gradient is taken once for the shared weights; the
-batch-norm statistics each candidate computes are averaged over the K candidates (the search
-recalibrates them per candidate before scoring: `population.PopulationEvaluator`).
+trained. Loss (`loss.update`) = the training objective (`objectives.py`, e.g. ERM or group
+DRO) over the K candidates' cross-entropies, plus the mean of their routing aux losses; the
+objective's state travels with the optimizer state. The gradient is taken once for the shared
+weights; the batch-norm statistics each candidate computes are averaged over the K candidates
+(the search recalibrates them per candidate before scoring: `population.PopulationEvaluator`).
 Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to global norm 1.
 One compiled step for the whole run; with a mesh the batch is split over all its devices
 (data parallel, weights replicated).
@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import models, objectives
+from moenas_jax import loss, objectives
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -66,10 +66,6 @@ def sandwich(space: SearchSpace, key: jax.Array, num_archs: int) -> Arch:
   return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(jnp.int32)]), fixed, random)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
 class SupernetTrainer:
   """The jitted supernet step, `step(params, state, opt_state, batch, key)`."""
 
@@ -84,32 +80,21 @@ class SupernetTrainer:
     self.mesh = mesh
 
     def supernet_step(params, state, opt_state, batch, key):
-      optimizer_state, objective_state = opt_state
       arch_key, noise_key = jax.random.split(key)
       archs = sandwich(space, arch_key, archs_per_step)
       noise_keys = jax.random.split(noise_key, archs_per_step)
 
-      def loss_fn(params):
-        def candidate(arch, noise):
-          logits, new_state, aux = models.apply(graphdef, params, state, batch["image"], arch,
-                                                train=True, key=noise)
-          correct = (logits.argmax(-1) == batch["label"]).mean()
-          return cross_entropy(logits, batch["label"]), aux["aux_loss"], correct, new_state
+      def candidates(params):  # the K candidates; their batch-norm statistics averaged
+        ce, aux, correct, states = jax.vmap(lambda arch, noise: loss.terms(
+            graphdef, params, state, batch, arch, noise))(archs, noise_keys)  # ce [K, B]
+        return ce, aux, correct, jax.tree.map(lambda v: v.mean(axis=0), states)
 
-        ce, aux, correct, new_states = jax.vmap(candidate)(archs, noise_keys)  # ce [K, B]
-        new_state = jax.tree.map(lambda v: v.mean(axis=0), new_states)
-        loss, new_objective = self.objective.loss(ce, batch, objective_state)
-        return loss + aux.mean(), (ce.mean(-1), aux, correct, new_state, new_objective)
-
-      (loss, (ce, aux, correct, new_state, objective_state)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(params)
-      updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
-      params = optax.apply_updates(params, updates)
+      params, new_state, opt_state, logs = loss.update(self.optimizer, self.objective,
+                                                       candidates, params, opt_state, batch)
+      correct = logs.pop("accuracy")
       # Candidates 0 and 1 are the largest and the smallest (see `sandwich`).
-      logs = {"loss": loss, "cross_entropy": ce.mean(), "aux_loss": aux.mean(),
-              "accuracy_largest": correct[0], "accuracy_smallest": correct[1],
-              "grad_norm": optax.tree.norm(grads)}
-      return params, new_state, (optimizer_state, objective_state), logs
+      return params, new_state, opt_state, {**logs, "accuracy_largest": correct[0],
+                                            "accuracy_smallest": correct[1]}
 
     self._step = jax.jit(supernet_step, donate_argnums=(0, 1, 2))
 
@@ -127,22 +112,3 @@ class SupernetTrainer:
            key: jax.Array) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
     """One update of the shared weights; returns (params, state, opt_state, logs)."""
     return self._step(params, state, opt_state, self.shard_batch(batch), key)
-
-
-def check_finite(logs: dict[str, Any], step: int) -> None:
-  """Stops training, naming the step, at a non-finite loss or gradient norm.
-
-  Both poison the weights from this step on. The gradient matters on its own: a NaN input can
-  leave the loss finite (XLA:CPU's max-based activations map NaN to 0 in the forward pass)
-  while its gradient is NaN.
-  """
-  loss = float(logs["loss"])
-  if not np.isfinite(loss):
-    raise FloatingPointError(
-        f"loss is {loss} at step {step}; lower the learning rate or raise the warmup "
-        f"(the last good checkpoint is kept in the workdir)")
-  if "grad_norm" in logs and not np.isfinite(float(logs["grad_norm"])):
-    raise FloatingPointError(
-        f"gradient norm is {float(logs['grad_norm'])} at step {step} (loss {loss}); check that "
-        f"step's batch for NaN or infinite inputs, or lower the learning rate (the last good "
-        f"checkpoint is kept in the workdir)")

@@ -8,12 +8,12 @@ from the data: epochs × (examples // batch_size). Batches come from `pipeline.t
 (order a function of (seed, epoch)); the gate noise key of step t is
 `fold_in(jax.random.key(seed), t)`. One compiled step per `Trainer`.
 
-Resumable: with a `Checkpointer`, (params, state, opt_state) are saved at the end of every
-epoch (step number = epochs done, meta = {"epoch", "history", "settings", "seed",
-"num_examples"}); a later call with the same checkpointer continues from the latest one, and
-the result equals an uninterrupted run bit for bit. A non-finite loss or gradient stops
-training with the step named (checked at the end of each epoch, before its checkpoint is
-written).
+Resumable (`loop.fit`, the one training loop): with a `Checkpointer`, (params, state,
+opt_state) are saved at the end of every epoch (step number = steps done, meta = {"step",
+"history", "settings", "seed", "num_examples", "objective"}); a later call with the same
+checkpointer continues from the latest one, and the result equals an uninterrupted run bit
+for bit. A non-finite loss or gradient stops training with the step named (checked at the
+end of each epoch, before its checkpoint is written).
 
 Fine-tuning on another dataset: `replace_head` gives the model a fresh classification head
 when the number of classes differs, then `train` as usual (`finetune` does both).
@@ -22,17 +22,15 @@ when the number of classes differs, then `train` as usual (`finetune` does both)
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
-from moenas_jax import models, objectives, supernet
+from moenas_jax import loop, loss, models, objectives, supernet
 from moenas_jax.checkpoint import Checkpointer
 from moenas_jax.data import pipeline
 
@@ -90,24 +88,10 @@ class Trainer:
     self.objective = objectives.Objective.erm() if objective is None else objective
 
     def train_step(params, state, opt_state, batch, key, step):
-      optimizer_state, objective_state = opt_state
-
-      def loss_fn(params):
-        logits, new_state, aux = models.apply(graphdef, params, state, batch["image"],
-                                              train=True, key=jax.random.fold_in(key, step))
-        ce = supernet.cross_entropy(logits, batch["label"])
-        loss, new_objective = self.objective.loss(ce, batch, objective_state)
-        correct = (logits.argmax(-1) == batch["label"]).mean()
-        return loss + aux["aux_loss"], (ce.mean(), aux["aux_loss"], correct, new_state,
-                                        new_objective)
-
-      (loss, (ce, aux, correct, new_state, objective_state)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(params)
-      updates, optimizer_state = self.optimizer.update(grads, optimizer_state, params)
-      params = optax.apply_updates(params, updates)
-      logs = {"loss": loss, "cross_entropy": ce, "aux_loss": aux, "accuracy": correct,
-              "grad_norm": optax.tree.norm(grads)}
-      return params, new_state, (optimizer_state, objective_state), logs
+      noise = jax.random.fold_in(key, step)
+      return loss.update(self.optimizer, self.objective,
+                         lambda params: loss.terms(graphdef, params, state, batch, key=noise),
+                         params, opt_state, batch)
 
     self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     # One program, not one per parameter shape: (optimizer state, objective state).
@@ -115,14 +99,14 @@ class Trainer:
 
   def fit(self, params: nnx.State, state: nnx.State, train_examples: pipeline.Examples, *,
           seed: int, checkpointer: Checkpointer | None = None,
-          log: Callable[[str], Any] | None = None) -> tuple[nnx.State, nnx.State, list[dict]]:
-    """Trains to `settings.epochs` (from the latest checkpoint if there is one).
+          log: Callable[[str], Any] | None = None, name: str = "train"
+          ) -> tuple[nnx.State, nnx.State, list[dict]]:
+    """Trains to `settings.epochs` (from the latest checkpoint if there is one): `loop.fit`.
 
     Returns (params, state, history): history holds one dict per epoch (epoch, and the means
     over its steps of loss, cross_entropy, aux_loss, accuracy, grad_norm). `log` gets one
     line per epoch (after its checkpoint is saved); default: absl logging.
     """
-    log = logging.info if log is None else log
     size = len(train_examples["label"])
     if size != self.num_examples:
       raise ValueError(f"this Trainer's schedule was made for {self.num_examples} examples, "
@@ -135,59 +119,34 @@ class Trainer:
     opt_state = jax.device_put(self._init(params), device)  # jit outputs are uncommitted
     run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size,
            "objective": dataclasses.asdict(self.objective.settings)}
-    history, done = [], 0
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-      _check_same_run(checkpointer, run)
-      (params, state, opt_state), meta = checkpointer.restore(like=(params, state, opt_state))
-      done, history = meta["epoch"], meta["history"]
-      log(f"resuming training after epoch {done} from {checkpointer.directory}")
     key = jax.random.key(seed)
-    for epoch in range(done, self.settings.epochs):
-      start = time.perf_counter()
-      first = epoch * self.steps_per_epoch
-      logs = []
-      for i, batch in enumerate(pipeline.train_batches(train_examples, self.settings.batch_size,
-                                                       seed, epoch)):
-        params, state, opt_state, step_logs = self._step(params, state, opt_state, batch, key,
-                                                         np.int32(first + i))
-        logs.append(step_logs)
-      logs = jax.device_get(logs)
-      for i, step_logs in enumerate(logs):
-        supernet.check_finite(step_logs, first + i)
-      seconds = time.perf_counter() - start
-      history.append({"epoch": epoch + 1, **{name: float(np.mean([entry[name] for entry in logs]))
-                                             for name in logs[0]}})
-      if checkpointer is not None:
-        checkpointer.save(epoch + 1, (params, state, opt_state),
-                          {**run, "epoch": epoch + 1, "history": history})
-      log(f"epoch {epoch + 1}/{self.settings.epochs}: loss {history[-1]['loss']:.4f}, "
-          f"accuracy {history[-1]['accuracy']:.3f}, {len(logs) / seconds:.1f} steps/s")
-    return params, state, history
 
+    def step(carry, batch, t):
+      *carry, logs = self._step(*carry, batch, key, np.int32(t))
+      return tuple(carry), logs
 
-def _check_same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:
-  """Refuses to resume a checkpoint made with other settings, seed or training set size."""
-  _, saved = checkpointer.restore()
-  differences = [f"{name}: {saved.get(name)} -> {value}" for name, value in run.items()
-                 if saved.get(name) != value]
-  if differences:
-    raise ValueError(f"the checkpoint in {checkpointer.directory} is of another training run "
-                     f"({'; '.join(differences)}); use a new checkpoint directory, or the "
-                     f"settings it was made with")
+    fitted = loop.fit(
+        step, (params, state, opt_state), steps_per_epoch=self.steps_per_epoch,
+        batches=lambda epoch: pipeline.train_batches(train_examples, self.settings.batch_size,
+                                                     seed, epoch),
+        total_steps=self.settings.epochs * self.steps_per_epoch, checkpointer=checkpointer,
+        run=run, name=name, log=logging.info if log is None else log)
+    params, state, _ = fitted.carry
+    return params, state, fitted.history
 
 
 def train(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
           train_examples: pipeline.Examples, *, settings: TrainSettings, seed: int,
           checkpointer: Checkpointer | None = None, log: Callable[[str], Any] | None = None,
-          objective: objectives.Objective | None = None
+          objective: objectives.Objective | None = None, name: str = "train"
           ) -> tuple[nnx.State, nnx.State, list[dict]]:
   """Trains a model from its split state; returns (params, state, history). See `Trainer.fit`.
 
-  `objective`: the training loss (`objectives.Objective`; None: ERM).
+  `objective`: the training loss (`objectives.Objective`; None: ERM). `name`: its log lines'.
   """
   trainer = Trainer(graphdef, settings, len(train_examples["label"]), objective)
   return trainer.fit(params, state, train_examples, seed=seed, checkpointer=checkpointer,
-                     log=log)
+                     log=log, name=name)
 
 
 def replace_head(model: nnx.Module, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Module:

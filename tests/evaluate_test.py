@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moenas_jax import evaluate, export, metrics, models, supernet
+from moenas_jax import evaluate, export, metrics, models
 from moenas_jax.data import lighting, pipeline
 
 NUM_CLASSES, NUM_GROUPS = 10, 2
@@ -111,7 +111,7 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples)
   @jax.jit
   def attacked_correct(batch, key):
     def loss(images, labels):
-      return (supernet.cross_entropy(logits_of(images), labels) * batch["mask"]).sum()
+      return (loss.cross_entropy(logits_of(images), labels) * batch["mask"]).sum()
     images = metrics.pgd_attack(loss, batch["image"], batch["label"], key=key, steps=1)
     return ((logits_of(images).argmax(-1) == batch["label"]) & batch["mask"]).sum()
 

@@ -137,7 +137,8 @@ def test_the_smoke_and_default_configs_pass(tmp_path):
     settings.check(config, tmp_path)
   config = utkface_cpu.get_config()
   config.data.manual_dir = str(tmp_path)  # no archive there: named before anything else
-  with pytest.raises(settings.ConfigError, match=r"config.data.manual_dir=.*UTKFace needs UTKFace.tar.gz"):
+  with pytest.raises(settings.ConfigError,
+                     match=r"config.data.manual_dir=.*UTKFace needs UTKFace.tar.gz"):
     settings.check(config, tmp_path)
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from moenas_jax import models, supernet
+from moenas_jax import loop, models, supernet
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
 
@@ -68,7 +68,7 @@ def test_supernet_loss_decreases_on_the_embedded_dataset(tiny_supernet):
   for step, batch in zip(range(30), pipeline.train_batches(train, 32, seed=0, epoch=0)):
     params, state, opt_state, logs = trainer.step(params, state, opt_state, batch,
                                                   jax.random.key(step))
-    supernet.check_finite(logs, step)
+    loop.check_finite(logs, step)
     losses.append(float(logs["loss"]))
   # Chance level is ln(10) = 2.30; the last steps must be clearly below the first ones.
   assert np.mean(losses[:5]) > 2.1
@@ -84,7 +84,7 @@ def test_bad_settings_and_a_nan_loss_are_refused(tiny_supernet):
   with pytest.raises(ValueError, match="warmup_steps=20"):
     supernet.OptimizerSettings(warmup_steps=20, total_steps=10)
   with pytest.raises(FloatingPointError, match="at step 7"):
-    supernet.check_finite({"loss": np.float32("nan")}, 7)
+    loop.check_finite({"loss": np.float32("nan")}, 7)
   with pytest.raises(FloatingPointError, match="gradient norm is inf at step 9"):
-    supernet.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32("inf")}, 9)
-  supernet.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32(0.5)}, 10)
+    loop.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32("inf")}, 9)
+  loop.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32(0.5)}, 10)

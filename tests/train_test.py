@@ -83,7 +83,7 @@ def test_resumed_training_equals_uninterrupted_training_bit_for_bit(
     pass
 
   def crash_after_the_first_epoch(line):
-    if line.startswith("epoch 1/3"):
+    if line.startswith("[train] epoch 1/3"):
       raise Interrupted
 
   lines = []
@@ -92,14 +92,14 @@ def test_resumed_training_equals_uninterrupted_training_bit_for_bit(
       with pytest.raises(Interrupted):
         trainer.fit(params, state, examples, seed=0, checkpointer=ckpt,
                     log=crash_after_the_first_epoch)
-      assert ckpt.steps() == [1]
+      assert ckpt.steps() == [8]  # steps done: one epoch of 8
     with Checkpointer(tmp_path) as ckpt:  # as in a new process: everything from disk
       resumed_params, resumed_state, history = trainer.fit(params, state, examples, seed=0,
                                                            checkpointer=ckpt, log=lines.append)
-      assert ckpt.steps() == [2, 3]
+      assert ckpt.steps() == [16, 24]
   assert seen.of("train_step") == 0
-  assert lines[0].startswith("resuming training after epoch 1 from ")
-  assert [line.split(":")[0] for line in lines[1:]] == ["epoch 2/3", "epoch 3/3"]
+  assert lines[0].startswith("[train] resumed at step 8/24 (epoch 1) from ")
+  assert [line.split(":")[0] for line in lines[1:]] == ["[train] epoch 2/3", "[train] epoch 3/3"]
   chex.assert_trees_all_equal((resumed_params, resumed_state), (expected_params, expected_state))
   assert history == expected_history
 
