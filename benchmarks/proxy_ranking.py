@@ -154,10 +154,12 @@ def main() -> None:
   results["standalone_seed_2"] = _stacked([t[1] for t in trained])
   clock = lap("standalone", clock)
 
+  spec = reward.spec_from_config(config.reward)
+
   def with_reward(scores):
     values = {name: np.asarray(scores[name]) for name in ("accuracy", "disparity")}
-    values["reward"] = np.asarray(reward.reward(scores, space.params(archs), space.macs(archs),
-                                                **settings.reward_settings(config)))
+    values["reward"] = np.asarray(spec.reward({**scores, "params": space.params(archs),
+                                               "macs": space.macs(archs)}))
     return values
 
   values = {name: with_reward(scores) for name, scores in results.items()}

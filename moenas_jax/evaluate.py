@@ -172,10 +172,20 @@ def evaluate(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
 
 
 def model_costs(model: nnx.Module) -> dict[str, int]:
-  """Stored parameters and MACs per image (`costs`) of a standalone model.
+  """Stored parameters and MACs per image of a model, counted as the search counts them.
 
-  A supernet counts as its largest candidate (every expert, the maximal top-k).
+  An MoE model (one with `search_space()`: the supernet, or a candidate cut out of it by
+  `export.standalone`, whose per-layer maxima are its arch) gets the analytic
+  `SearchSpace.params` / `SearchSpace.macs` of its largest candidate, which for a standalone
+  is the candidate itself: capacity padding (the empty slots of the experts' blocks) is not
+  counted. A dense family has no padding: `costs.count_params` and `costs.count_macs`.
   """
+  if callable(getattr(model, "search_space", None)):
+    space = model.search_space()
+    largest = space.largest()
+    return {"params": int(space.params(largest)), "macs": int(space.macs(largest))}
+  graphdef, params, state = models.split(model)  # also for an abstract model (eval_shape)
   image = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
   return {"params": costs.count_params(model),
-          "macs": costs.count_macs(lambda images: model(images)[0], image)}
+          "macs": costs.count_macs(lambda p, s, x: models.apply(graphdef, p, s, x)[0], params,
+                                   state, image)}

@@ -1,23 +1,37 @@
-"""The fairness-aware reward, the hard size budget, and the Pareto archive of the search.
+"""The search's objectives in one table: the scalar reward, the hard budgets, the Pareto archive.
 
-Reward of a candidate (every metric lies in [0, 1]; the gap in [−1, 1]):
+A `RewardSpec` is a table of `Term(metric, weight, direction, budget)`, one entry per metric
+(`METRICS` lists the known ones, with which way is better and their range); everything
+derives from it:
+
+- **reward** of a feasible candidate: Σ over the terms of + weight · value ("max" terms) or
+  − weight · value ("min" terms). A metric with a hinge counts max(value, hinge): the
+  generalization gap counts as max(gap, 0), so only overfitting is penalised. A cost (params,
+  MACs: unbounded) counts as value / budget, so a weighted cost needs a budget. A term of
+  weight 0 needs no metric for the reward.
+- **budgets**: a term with a budget is a hard constraint, feasible when value ≤ budget (only
+  metrics to minimise take one; costs compare as exact integers). Each term's value lies in
+  the bounds of `METRICS` (a cost within budget: value / budget ≤ 1), so a feasible reward is
+  at least the sum of the terms' worst values, and an infeasible candidate gets
+
+      reward = floor − excess,  floor = that least feasible reward − 1,
+      excess = Σ_budgets max(value / budget − 1, 0)
+
+  which ranks it below every feasible one; among infeasible ones the smaller excess ranks higher.
+- **Pareto objectives**: every term of the table, in table order (a term of weight 0 with no
+  budget is an objective only), so a budgeted term is a constraint and an objective.
+  `ParetoArchive(spec)` keeps the non-dominated *feasible* candidates: `add` refuses an entry
+  over any budget of its spec. That is the one place where infeasible candidates are filtered.
+
+`spec_from_config(config.reward)` is the search's table, from the config section's fields
+disparity, robustness, gap, worst_cell, param_budget, mac_budget (and optional `terms`):
 
     reward = accuracy − λ_disp · disparity + λ_rob · robustness − λ_gap · max(gap, 0)
              + λ_cell · worst_cell_accuracy
 
-with the metric names `accuracy`, `disparity`, `robustness`, `generalization_gap` and
-`worst_cell_accuracy` (see `metrics.py`). A term whose weight is 0 needs no metric.
-
-Hard budget: a candidate is feasible when params ≤ param_budget and MACs ≤ mac_budget (a
-budget of None is no budget). A feasible reward is at least −(λ_disp + λ_gap) (accuracy 0,
-disparity 1, robustness 0, gap 1, worst cell 0), so an infeasible candidate gets
-
-    reward = −(1 + λ_disp + λ_gap) − excess,   excess = Σ_budgets max(value / budget − 1, 0)
-
-which ranks it below every feasible one, and among infeasible ones the smaller relative
-excess ranks higher.
-
-`ParetoArchive` keeps the non-dominated candidates over `OBJECTIVES`.
+over the objectives accuracy ↑, disparity ↓, robustness ↑, generalization_gap ↓, worst cell
+accuracy ↑ (only when λ_cell > 0), params ↓ (budget param_budget), MACs ↓ (only when mac_budget
+is set). Its floor is −(1 + λ_disp + λ_gap).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,41 +50,115 @@ import numpy as np
 from moenas_jax import metrics as metrics_lib
 from moenas_jax.search_space import SearchSpace
 
+DIRECTIONS = ("max", "min")
+
 
 @dataclasses.dataclass(frozen=True)
-class RewardWeights:
-  """Weights of the reward terms (all ≥ 0).
+class Metric:
+  """What the table knows of a metric: which way is better, its range, its hinge.
 
-  disparity 1.0: a point of disparity between groups costs as much as a point of accuracy,
-  the trade the search is built to make. robustness 0.5: lighting accuracy largely moves with
-  clean accuracy, so a full weight would count accuracy about twice. gap 0.5: only overfitting
-  (a positive gap) is penalised, at half weight because gaps measured with shared supernet
-  weights are noisy. worst_cell 0.0: off by default because a small (class, group) cell is
-  noisy (one example can move it by 10 points); turn it on for symmetric skews such as
-  CIFAR-10S, where group accuracies stay equal while minority cells collapse.
+  bounds: (least, greatest) value; None for a cost (≥ 0, unbounded: params, MACs). hinge: the
+  reward counts max(value, hinge) (None: the value itself).
   """
 
-  disparity: float = 1.0
-  robustness: float = 0.5
-  gap: float = 0.5
-  worst_cell: float = 0.0
+  direction: str
+  bounds: tuple[float, float] | None = (0.0, 1.0)
+  hinge: float | None = None
+
+
+# The metrics a table may hold (names of metrics.py, evaluate.py and SearchSpace costs). A new
+# metric is one entry here, e.g. a measured latency "latency_ms": Metric("min", None).
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric("max"),
+    "worst_group_accuracy": Metric("max"),
+    "worst_cell_accuracy": Metric("max"),
+    "robustness": Metric("max"),
+    "adversarial_accuracy": Metric("max"),
+    "disparity": Metric("min"),
+    "equalized_odds_difference": Metric("min"),
+    "generalization_gap": Metric("min", (-1.0, 1.0), hinge=0.0),
+    "params": Metric("min", None),
+    "macs": Metric("min", None),
+}
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One entry of the table: a metric, its reward weight (≥ 0), its direction, its budget.
+
+  direction None takes the metric's own (`METRICS`); a budget (> 0, or None) makes the term a
+  hard constraint value ≤ budget.
+  """
+
+  metric: str
+  weight: float = 0.0
+  direction: str | None = None
+  budget: float | None = None
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"reward weight {field.name}={value!r} must be a finite number >= 0 "
-                         f"(the infeasible floor assumes non-negative weights)")
+    if self.metric not in METRICS:
+      raise ValueError(f"unknown metric {self.metric!r} in the reward table; known: "
+                       f"{', '.join(METRICS)} (add a new one to reward.METRICS)")
+    known = METRICS[self.metric]
+    if not (_is_number(self.weight) and self.weight >= 0):
+      raise ValueError(f"{self.metric}: weight={self.weight!r} must be a finite number >= 0 "
+                       f"(the infeasible floor assumes non-negative weights); use 0 to keep it "
+                       f"as a Pareto objective only")
+    object.__setattr__(self, "weight", float(self.weight))
+    if self.direction is None:
+      object.__setattr__(self, "direction", known.direction)
+    if self.direction not in DIRECTIONS:
+      raise ValueError(f"{self.metric}: direction={self.direction!r} must be 'max' (larger is "
+                       f"better) or 'min'; leave it out to use {known.direction!r}")
+    if self.direction != known.direction:
+      better = "larger" if known.direction == "max" else "smaller"
+      raise ValueError(f"{self.metric}: direction={self.direction!r}, but a {better} "
+                       f"{self.metric} is better; use {known.direction!r} or leave it out")
+    if self.budget is not None:
+      if not (_is_number(self.budget) and self.budget > 0):
+        raise ValueError(f"{self.metric}: budget={self.budget!r} must be a positive number, "
+                         f"or None for no budget")
+      if self.direction == "max":
+        raise ValueError(f"{self.metric}: budget={self.budget!r}, but a budget caps a metric "
+                         f"to minimise and {self.metric} is maximised; remove the budget")
+    if known.bounds is None and self.weight > 0 and self.budget is None:
+      raise ValueError(f"{self.metric}: weight={self.weight} needs a budget: a cost enters the "
+                       f"reward as weight · value / budget; set a budget or weight 0")
 
-  @classmethod
-  def from_config(cls, config: Any) -> RewardWeights:
-    """From a mapping or a ConfigDict with some of the fields; unknown names are refused."""
-    values = dict(config.items())
-    names = [field.name for field in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+  @property
+  def least(self) -> float:
+    """The least this term adds to the reward of a feasible candidate."""
+    known = METRICS[self.metric]
+    if known.bounds is None:  # a cost: value / budget ≤ 1 when feasible
+      return -self.weight
+    low, high = known.bounds
+    if known.hinge is not None:
+      low, high = max(low, known.hinge), max(high, known.hinge)
+    return self.weight * low if self.direction == "max" else -self.weight * high
+
+
+_ENTRY_KEYS = ("weight", "direction", "budget")
+
+
+def _terms(table: Mapping[str, Any]) -> tuple[Term, ...]:
+  """The terms of {metric: {weight, direction, budget}}, in the mapping's order."""
+  terms = []
+  for metric, entry in table.items():
+    if not hasattr(entry, "items"):
+      raise ValueError(f"reward table entry {metric!r} must be a mapping with some of "
+                       f"{', '.join(_ENTRY_KEYS)}, got {entry!r}")
+    entry = dict(entry.items())
+    unknown = sorted(set(entry) - set(_ENTRY_KEYS))
     if unknown:
-      raise ValueError(f"unknown reward weights {unknown}; the weights are {names}")
-    return cls(**values)
+      raise ValueError(f"reward table entry {metric!r} has unknown keys {unknown}; an entry "
+                       f"has {', '.join(_ENTRY_KEYS)}")
+    terms.append(Term(metric, **entry))
+  return tuple(terms)
 
 
 def _xp(*values: Any):
@@ -77,108 +166,210 @@ def _xp(*values: Any):
   return jnp if any(isinstance(v, jax.Array) for v in values) else np
 
 
-def scalar_reward(metrics: Mapping[str, Any], weights: RewardWeights = RewardWeights()) -> Any:
-  """The reward without the budget, elementwise over arrays [P] (NumPy or JAX)."""
-  xp = _xp(*metrics.values())
-
-  def metric(name, weight):
-    if name not in metrics:
-      raise ValueError(f"the reward needs metrics[{name!r}] (its weight is {weight}); "
-                       f"compute it or set its weight to 0")
-    return xp.asarray(metrics[name])
-
-  value = metric("accuracy", 1.0)
-  if weights.disparity:
-    value = value - weights.disparity * metric("disparity", weights.disparity)
-  if weights.robustness:
-    value = value + weights.robustness * metric("robustness", weights.robustness)
-  if weights.gap:
-    value = value - weights.gap * xp.maximum(metric("generalization_gap", weights.gap), 0.0)
-  if weights.worst_cell:
-    value = value + weights.worst_cell * metric("worst_cell_accuracy", weights.worst_cell)
-  return value
+def _host_or_jax(value: Any) -> Any:
+  """A JAX array as is; anything else as a NumPy array (integers as int64: MACs fit)."""
+  if isinstance(value, jax.Array):
+    return value
+  value = np.asarray(value)
+  return value.astype(np.int64) if value.dtype.kind in "biu" else value
 
 
-def infeasible_floor(weights: RewardWeights) -> float:
-  """1 below the smallest feasible reward, −(λ_disp + λ_gap): where infeasible rewards start."""
-  return -(1.0 + weights.disparity + weights.gap)
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  """The table of objectives and budgets (see the module docstring); terms in table order."""
+
+  terms: tuple[Term, ...]
+
+  def __post_init__(self):
+    terms = tuple(self.terms)
+    object.__setattr__(self, "terms", terms)
+    bad = [term for term in terms if not isinstance(term, Term)]
+    if bad:
+      raise ValueError(f"RewardSpec takes Term entries, got {bad!r}; build it with "
+                       f"RewardSpec.from_mapping({{metric: {{weight, direction, budget}}}})")
+    names = [term.metric for term in terms]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+      raise ValueError(f"the reward table lists {repeated} more than once; give one entry per "
+                       f"metric")
+    if not any(term.weight > 0 for term in terms):
+      raise ValueError(f"no term of the reward table {names} has a weight > 0; give at least "
+                       f"one (e.g. accuracy: weight 1)")
+
+  @classmethod
+  def from_mapping(cls, table: Mapping[str, Any]) -> RewardSpec:
+    """From {metric: {weight, direction, budget}} (each key optional; a ConfigDict works)."""
+    return cls(_terms(table))
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    """The table as {metric: {weight, direction, budget}}, JSON-able; `from_mapping` inverts."""
+    return {term.metric: {"weight": term.weight, "direction": term.direction,
+                          "budget": term.budget} for term in self.terms}
+
+  @property
+  def objectives(self) -> tuple[tuple[str, str], ...]:
+    """The Pareto objectives: (metric, direction) of every term, in table order."""
+    return tuple((term.metric, term.direction) for term in self.terms)
+
+  @property
+  def budgets(self) -> tuple[Term, ...]:
+    """The terms with a budget: the hard constraints."""
+    return tuple(term for term in self.terms if term.budget is not None)
+
+  @property
+  def infeasible_floor(self) -> float:
+    """1 below the least feasible reward: where infeasible rewards start."""
+    return sum(term.least for term in self.terms) - 1.0
+
+  @staticmethod
+  def _value(metrics: Mapping[str, Any], term: Term, role: str, fix: str) -> Any:
+    if term.metric not in metrics:
+      raise ValueError(f"the {role} needs metrics[{term.metric!r}]; compute it or {fix}")
+    return _host_or_jax(metrics[term.metric])
+
+  def _shape(self, metrics: Mapping[str, Any]) -> tuple[int, ...]:
+    return np.broadcast_shapes(*(np.shape(metrics[term.metric]) for term in self.terms
+                                 if term.metric in metrics))
+
+  def scalar_reward(self, metrics: Mapping[str, Any]) -> Any:
+    """The reward without the budgets, elementwise over arrays [P] (NumPy or JAX)."""
+    weighted = [term for term in self.terms if term.weight]
+    values = [self._value(metrics, term, f"reward (its weight is {term.weight:g})",
+                          "set its weight to 0") for term in weighted]
+    xp = _xp(*values)
+    total = xp.zeros(self._shape(metrics))
+    for term, value in zip(weighted, values):
+      known = METRICS[term.metric]
+      value = xp.asarray(value)
+      if known.hinge is not None:
+        value = xp.maximum(value, known.hinge)
+      if known.bounds is None:
+        value = value / term.budget
+      total = total + (term.weight if term.direction == "max" else -term.weight) * value
+    return total
+
+  def _budget_values(self, metrics: Mapping[str, Any]) -> list[tuple[Term, Any]]:
+    return [(term, self._value(metrics, term, f"budget {term.metric} <= {term.budget:,}",
+                               "remove the budget")) for term in self.budgets]
+
+  def budget_excess(self, metrics: Mapping[str, Any]) -> Any:
+    """Σ over the budgets of max(value / budget − 1, 0) per candidate; 0 when within."""
+    pairs = self._budget_values(metrics)
+    xp = _xp(*(value for _, value in pairs))
+    excess = xp.zeros(self._shape(metrics))
+    for term, value in pairs:
+      excess = excess + xp.maximum(value / term.budget - 1.0, 0.0)
+    return excess
+
+  def within_budget(self, metrics: Mapping[str, Any]) -> Any:
+    """value ≤ budget for every budget, per candidate (exact for integer costs)."""
+    pairs = self._budget_values(metrics)
+    xp = _xp(*(value for _, value in pairs))
+    feasible = xp.ones(self._shape(metrics), bool)
+    for term, value in pairs:
+      feasible = feasible & (value <= term.budget)
+    return feasible
+
+  def reward(self, metrics: Mapping[str, Any]) -> Any:
+    """The reward of the module docstring, budgets included, per candidate.
+
+    metrics: arrays [P] (or scalars), NumPy or JAX, with every weighted or budgeted metric
+    (costs such as `SearchSpace.params` / `.macs` as host integers); the result is JAX if any
+    input is.
+    """
+    value = self.scalar_reward(metrics)
+    if not self.budgets:
+      return value
+    feasible, excess = self.within_budget(metrics), self.budget_excess(metrics)
+    return _xp(value, feasible, excess).where(feasible, value, self.infeasible_floor - excess)
+
+  def check_budget(self, space: SearchSpace) -> None:
+    """Refuses, before anything compiles, a params or MACs budget no candidate can meet.
+
+    The smallest candidate is `space.dense()` (one expert, top-1 in every layer): parameters
+    grow with every expert count and MACs with every expert count and top-k (see
+    `SearchSpace.params` and `SearchSpace.macs`).
+    """
+    counts = {"params": (space.params, "parameters"), "macs": (space.macs, "MACs per image")}
+    for term in self.budgets:
+      if term.metric not in counts:
+        continue
+      count, unit = counts[term.metric]
+      minimum = int(count(space.dense()))
+      if term.budget < minimum:
+        field = _CONFIG_FIELD_OF.get(term.metric)
+        where = f" (config.reward.{field})" if field else ""
+        raise ValueError(f"the {term.metric} budget {term.budget:,} is below the {minimum:,} "
+                         f"{unit} of the smallest candidate (the dense model: one expert, top-1 "
+                         f"in every layer), so no candidate fits; raise it{where} to at least "
+                         f"{minimum:,} or search a smaller supernet")
 
 
-def _budgets(params: Any, macs: Any, param_budget: float | None,
-             mac_budget: float | None) -> list[tuple[np.ndarray, float]]:
-  """(values, budget) pairs of the budgets that are set; host int64 values, so MACs fit."""
-  if mac_budget is not None and macs is None:
-    raise ValueError(f"mac_budget={mac_budget} is set but no MACs were given; pass macs "
-                     f"(SearchSpace.macs) or set mac_budget=None")
-  pairs = [(params, param_budget), (macs, mac_budget)]
-  return [(np.asarray(values, np.int64), budget) for values, budget in pairs
-          if budget is not None]
+# The config section `config.reward`: its fields, their defaults and the metric of each.
+#
+# disparity 1.0: a point of disparity between groups costs as much as a point of accuracy, the
+# trade the search is built to make. robustness 0.5: lighting accuracy largely moves with clean
+# accuracy, so a full weight would count accuracy about twice. gap 0.5: only overfitting (a
+# positive gap) is penalised, at half weight because gaps measured with shared supernet weights
+# are noisy. worst_cell 0.0: off by default because a small (class, group) cell is noisy (one
+# example can move it by 10 points); turn it on for symmetric skews such as CIFAR-10S, where
+# group accuracies stay equal while minority cells collapse. terms: further entries
+# {metric: {weight, direction, budget}} for metrics the named fields do not cover (e.g.
+# {"adversarial_accuracy": {"weight": 0.3}}).
+CONFIG_DEFAULTS: dict[str, Any] = {"disparity": 1.0, "robustness": 0.5, "gap": 0.5,
+                                   "worst_cell": 0.0, "param_budget": None, "mac_budget": None,
+                                   "terms": {}}
+_CONFIG_METRIC = {"disparity": "disparity", "robustness": "robustness",
+                  "gap": "generalization_gap", "worst_cell": "worst_cell_accuracy",
+                  "param_budget": "params", "mac_budget": "macs"}
+_CONFIG_FIELD_OF = {metric: field for field, metric in _CONFIG_METRIC.items()}
 
 
-def budget_excess(params: Any, macs: Any = None, *, param_budget: float | None = None,
-                  mac_budget: float | None = None) -> np.ndarray:
-  """Σ over the set budgets of max(value / budget − 1, 0) per candidate; 0 when within."""
-  excess = np.zeros(np.shape(params))
-  for values, budget in _budgets(params, macs, param_budget, mac_budget):
-    excess = excess + np.maximum(values / budget - 1.0, 0.0)
-  return excess
+def spec_from_config(config: Any = None) -> RewardSpec:
+  """The search's table from `config.reward` (a ConfigDict or mapping with some of the fields
+  of `CONFIG_DEFAULTS`; unknown names are refused): the module docstring's reward.
 
-
-def within_budget(params: Any, macs: Any = None, *, param_budget: float | None = None,
-                  mac_budget: float | None = None) -> np.ndarray:
-  """params ≤ param_budget and macs ≤ mac_budget per candidate (exact integer comparison)."""
-  feasible = np.ones(np.shape(params), bool)
-  for values, budget in _budgets(params, macs, param_budget, mac_budget):
-    feasible = feasible & (values <= budget)
-  return feasible
-
-
-def reward(metrics: Mapping[str, Any], params: Any, macs: Any = None, *,
-           weights: RewardWeights = RewardWeights(), param_budget: float | None = None,
-           mac_budget: float | None = None) -> Any:
-  """The reward of the module docstring, budget included, per candidate.
-
-  metrics: arrays [P] (or scalars), NumPy or JAX; the result has the same kind. params and
-  macs: host integers [P] (`SearchSpace.params` / `SearchSpace.macs`), never traced.
+  Accuracy has weight 1. Disparity, robustness, the gap and params are always objectives (a
+  weight of 0 keeps them as objectives only); worst cell accuracy joins when its weight is
+  > 0, MACs when mac_budget is set.
   """
-  feasible = within_budget(params, macs, param_budget=param_budget, mac_budget=mac_budget)
-  penalty = infeasible_floor(weights) - budget_excess(params, macs, param_budget=param_budget,
-                                                      mac_budget=mac_budget)
-  xp = _xp(*metrics.values())
-  return xp.where(feasible, scalar_reward(metrics, weights), penalty)
+  given = {} if config is None else dict(config.items())
+  unknown = sorted(set(given) - set(CONFIG_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown config.reward fields {unknown}; the fields are "
+                     f"{list(CONFIG_DEFAULTS)}")
+  values = {**CONFIG_DEFAULTS, **given}
+
+  def term(field: str, **entry: Any) -> Term:
+    try:
+      return Term(_CONFIG_METRIC[field], **entry)
+    except ValueError as error:
+      raise ValueError(f"config.reward.{field}={values[field]!r}: {error}") from None
+
+  terms = [Term("accuracy", 1.0),
+           term("disparity", weight=values["disparity"]),
+           term("robustness", weight=values["robustness"]),
+           term("gap", weight=values["gap"])]
+  worst_cell = term("worst_cell", weight=values["worst_cell"])
+  if worst_cell.weight > 0:
+    terms.append(worst_cell)
+  terms.append(term("param_budget", budget=values["param_budget"]))
+  if values["mac_budget"] is not None:
+    terms.append(term("mac_budget", budget=values["mac_budget"]))
+  try:
+    extra = _terms(values["terms"])
+  except ValueError as error:
+    raise ValueError(f"config.reward.terms: {error}") from None
+  clash = sorted({term.metric for term in extra} & {"accuracy", *_CONFIG_METRIC.values()})
+  if clash:
+    raise ValueError(f"config.reward.terms lists {clash}, which the named fields of "
+                     f"config.reward set ({', '.join(_CONFIG_METRIC)}; accuracy has weight 1); "
+                     f"set those fields instead")
+  return RewardSpec(tuple(terms) + extra)
 
 
-def check_budget(space: SearchSpace, param_budget: float | None,
-                 mac_budget: float | None = None) -> None:
-  """Refuses, before anything compiles, budgets that no candidate of the space can meet.
-
-  The smallest candidate is `space.dense()` (one expert, top-1 in every layer): parameters
-  grow with every expert count and MACs with every expert count and top-k (see
-  `SearchSpace.params` and `SearchSpace.macs`).
-  """
-  dense = space.dense()
-  for name, budget, minimum, unit in (
-      ("param_budget", param_budget, int(space.params(dense)), "parameters"),
-      ("mac_budget", mac_budget, int(space.macs(dense)), "MACs per image")):
-    if budget is None:
-      continue
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-      raise ValueError(f"{name}={budget!r} must be a positive number, or None for no budget")
-    if budget < minimum:
-      raise ValueError(f"{name}={budget:,} is below the {minimum:,} {unit} of the smallest "
-                       f"candidate (the dense model: one expert, top-1 in every layer), so no "
-                       f"candidate fits; raise {name} to at least {minimum:,} or search a "
-                       f"smaller supernet")
-
-
-# The Pareto objectives: metric name and whether larger ("max") or smaller ("min") is better.
-OBJECTIVES: tuple[tuple[str, str], ...] = (
-    ("accuracy", "max"),
-    ("disparity", "min"),
-    ("robustness", "max"),
-    ("generalization_gap", "min"),
-    ("params", "min"),
-)
+# The search's default table: the defaults of `CONFIG_DEFAULTS`, no budget.
+DEFAULT_SPEC = spec_from_config()
 
 
 def _oriented(metrics: Mapping[str, Any], objectives: Sequence[tuple[str, str]]
@@ -187,7 +378,7 @@ def _oriented(metrics: Mapping[str, Any], objectives: Sequence[tuple[str, str]]
   missing = [name for name, _ in objectives if name not in metrics]
   if missing:
     raise ValueError(f"metrics lack the Pareto objectives {missing}; give them or build the "
-                     f"archive with other objectives")
+                     f"archive with another RewardSpec")
   values = []
   for name, direction in objectives:
     value = float(np.asarray(metrics[name]))
@@ -198,30 +389,29 @@ def _oriented(metrics: Mapping[str, Any], objectives: Sequence[tuple[str, str]]
 
 
 def dominates(a: Mapping[str, Any], b: Mapping[str, Any],
-              objectives: Sequence[tuple[str, str]] = OBJECTIVES) -> bool:
+              objectives: Sequence[tuple[str, str]] = DEFAULT_SPEC.objectives) -> bool:
   """Whether metrics a are at least as good as b in every objective and better in one."""
   x, y = _oriented(a, objectives), _oriented(b, objectives)
   return all(p >= q for p, q in zip(x, y)) and any(p > q for p, q in zip(x, y))
 
 
 class ParetoArchive:
-  """The non-dominated candidates seen so far, over `objectives` (default `OBJECTIVES`).
+  """The non-dominated feasible candidates seen so far, over the objectives of `spec`.
 
   Entries are dicts with a JSON-able `arch` (e.g. `search_space.to_dict(arch)`) and a
-  `metrics` dict holding the objectives; other JSON-able keys are kept. An architecture is
-  kept once (its first evaluation); different architectures with equal objectives are all
-  kept. `front` is ordered best first by the objectives in table order, then by the arch's
-  JSON, so it does not depend on the order of `add` calls.
+  `metrics` dict holding the objectives; other JSON-able keys are kept. An entry over any
+  budget of the spec is refused. An architecture is kept once (its first evaluation);
+  different architectures with equal objectives are all kept. `front` is ordered best first by
+  the objectives in table order, then by the arch's JSON, so it does not depend on the order
+  of `add` calls.
   """
 
-  def __init__(self, objectives: Sequence[tuple[str, str]] = OBJECTIVES):
-    objectives = tuple((str(name), str(direction)) for name, direction in objectives)
-    names = [name for name, _ in objectives]
-    bad = [direction for _, direction in objectives if direction not in ("max", "min")]
-    if not objectives or bad or len(set(names)) != len(names):
-      raise ValueError(f"objectives {objectives} must be distinct (name, 'max' | 'min') pairs, "
-                       f"at least one")
-    self.objectives = objectives
+  def __init__(self, spec: RewardSpec = DEFAULT_SPEC):
+    if not isinstance(spec, RewardSpec):
+      raise ValueError(f"ParetoArchive takes a RewardSpec (reward.spec_from_config(config."
+                       f"reward) or RewardSpec.from_mapping(...)), got {spec!r}")
+    self.spec = spec
+    self.objectives = spec.objectives
     self._front: list[dict] = []
 
   @staticmethod
@@ -232,7 +422,8 @@ class ParetoArchive:
     return tuple(-v for v in _oriented(entry["metrics"], self.objectives)), self._arch_key(entry)
 
   def add(self, entry: Mapping[str, Any]) -> bool:
-    """Adds entry if no kept one dominates it (dropping those it dominates); True if added."""
+    """Adds a feasible entry if no kept one dominates it (dropping those it dominates); True
+    if added. An infeasible entry (over a budget) is refused: False."""
     if not isinstance(entry, Mapping) or "arch" not in entry or "metrics" not in entry:
       raise ValueError(f"an archive entry is a dict with 'arch' and 'metrics', got {entry!r}")
     _oriented(entry["metrics"], self.objectives)  # names a missing or NaN objective first
@@ -242,6 +433,8 @@ class ParetoArchive:
     except (TypeError, ValueError) as error:
       raise ValueError(f"archive entries must be JSON-able (give the arch as "
                        f"search_space.to_dict(arch)): {error}") from None
+    if not bool(self.spec.within_budget(entry["metrics"])):
+      return False
     arch = self._arch_key(entry)
     if any(self._arch_key(kept) == arch for kept in self._front):
       return False
@@ -262,16 +455,46 @@ class ParetoArchive:
     return len(self._front)
 
   def state(self) -> dict:
-    """JSON-able state: the objectives and the front."""
-    return {"objectives": [list(o) for o in self.objectives], "front": self.front}
+    """JSON-able state: the table (`RewardSpec.to_dict`) and the front."""
+    return {"spec": self.spec.to_dict(), "front": self.front}
 
   @classmethod
   def from_state(cls, state: Mapping[str, Any]) -> ParetoArchive:
     """Inverse of `state` (also after a JSON round trip)."""
-    if set(state) != {"objectives", "front"}:
-      raise ValueError(f"a Pareto archive state has the keys ['front', 'objectives'], got "
+    if set(state) != {"spec", "front"}:
+      raise ValueError(f"a Pareto archive state has the keys ['front', 'spec'], got "
                        f"{sorted(state)}")
-    archive = cls([tuple(o) for o in state["objectives"]])
+    archive = cls(RewardSpec.from_mapping(state["spec"]))
     for entry in state["front"]:
       archive.add(entry)
     return archive
+
+
+# ---------------------------------------------------------------------------------------------
+# The call forms search.py uses today: thin wrappers over the table. Remove them once
+# search.py builds `spec_from_config(config.reward)` and calls its methods.
+
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+  """The weights of `config.reward` (validated when a reward is computed from them)."""
+
+  disparity: float = CONFIG_DEFAULTS["disparity"]
+  robustness: float = CONFIG_DEFAULTS["robustness"]
+  gap: float = CONFIG_DEFAULTS["gap"]
+  worst_cell: float = CONFIG_DEFAULTS["worst_cell"]
+
+
+def reward(metrics: Mapping[str, Any], params: Any, macs: Any = None, *,
+           weights: RewardWeights = RewardWeights(), param_budget: float | None = None,
+           mac_budget: float | None = None) -> Any:
+  """`spec_from_config(weights and budgets).reward(metrics with params and macs)`."""
+  spec = spec_from_config({**dataclasses.asdict(weights), "param_budget": param_budget,
+                           "mac_budget": mac_budget})
+  costs = {"params": params} if macs is None else {"params": params, "macs": macs}
+  return spec.reward({**metrics, **costs})
+
+
+def check_budget(space: SearchSpace, param_budget: float | None,
+                 mac_budget: float | None = None) -> None:
+  """`spec_from_config(budgets).check_budget(space)`."""
+  spec_from_config({"param_budget": param_budget, "mac_budget": mac_budget}).check_budget(space)

@@ -7,7 +7,8 @@ DRO) over the K candidates' cross-entropies, plus the mean of their routing aux 
 objective's state travels with the optimizer state. The gradient is taken once for the shared
 weights; the batch-norm statistics each candidate computes are averaged over the K candidates
 (the search recalibrates them per candidate before scoring: `population.PopulationEvaluator`).
-Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to global norm 1.
+Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to global norm 1;
+weight decay applies to conv and linear kernels and expert weight matrices only (`decay_mask`).
 One compiled step for the whole run; with a mesh the batch is split over all its devices
 (data parallel, weights replicated).
 """
@@ -48,12 +49,30 @@ class OptimizerSettings:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
 
+# Leaf names weight decay shrinks: conv/linear kernels and the experts' weight matrices.
+DECAYED_NAMES = ("kernel", "w_in", "w_out")
+
+
+def decay_mask(params: Any) -> Any:
+  """True at the leaves AdamW decays: named in `DECAYED_NAMES` with ndim >= 2.
+
+  Not decayed (as in big_vision and V-MoE): norm scales and biases, linear and expert biases
+  (`bias`, `b_in`, `b_out`) and the MoE router, whose decay would pull every token's gates
+  towards uniform. `params` is an nnx.State or a nested dict; the mask has its structure.
+  """
+  def decayed(path, leaf):
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in DECAYED_NAMES and jnp.ndim(leaf) >= 2
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, settings.learning_rate, settings.warmup_steps, settings.total_steps,
       end_value=settings.learning_rate * settings.final_fraction)
   return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
-                     optax.adamw(schedule, weight_decay=settings.weight_decay))
+                     optax.adamw(schedule, weight_decay=settings.weight_decay,
+                                 mask=decay_mask))
 
 
 def sandwich(space: SearchSpace, key: jax.Array, num_archs: int) -> Arch:

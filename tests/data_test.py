@@ -77,6 +77,17 @@ def test_own_npz_without_splits_is_split_by_label_and_group(tmp_path):
     (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int),
           groups=np.zeros(4, int), split=np.array(["train", "dev", "test", "test"])),
      r"split values \[.dev.\] are not 0/1/2"),
+    # Only groups is short: labels match the 4 images, groups has 3 values.
+    (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int),
+          groups=np.zeros(3, int)),
+     r"groups has length 3 but images has length 4; give groups one value per image"),
+    (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros((4, 1), int),
+          groups=np.zeros(4, int)), r"labels has shape \(4, 1\) but images has length 4"),
+    (dict(images=np.zeros((4, 2, 2, 3), np.uint8), labels=np.zeros(4, int),
+          groups=np.zeros(4, int), split=np.array(["train"] * 5)),
+     "split has length 5 but images has length 4"),
+    (dict(images=np.zeros((4, 2), np.uint8), labels=np.zeros(4, int), groups=np.zeros(4, int)),
+     r"images have shape \(4, 2\); they must be \[N, H, W\] or \[N, H, W, C\]"),
 ])
 def test_own_npz_errors_name_the_fix(tmp_path, arrays, message):
   folder = _write_npz(tmp_path / "mine", **arrays)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moenas_jax import evaluate, export, metrics, models
+from moenas_jax import costs, evaluate, export, metrics, models
 from moenas_jax.data import lighting, pipeline
+from moenas_jax.search_space import Arch
 
 NUM_CLASSES, NUM_GROUPS = 10, 2
 
@@ -129,6 +130,40 @@ def test_model_costs_of_a_standalone_candidate_match_the_search_space(tiny_super
   dense = export.standalone(model, space.dense())  # one expert per layer: no capacity padding
   assert evaluate.model_costs(dense) == {"params": int(space.params(space.dense())),
                                          "macs": int(space.macs(space.dense()))}
+  assert evaluate.model_costs(dense)["macs"] == _traced_macs(dense)
+
+  # A found candidate whose layers pad. Tiny supernet: 16 tokens per image in every MoE layer,
+  # (D, H) = (32, 64), (48, 96), (64, 128); base 142,589 params and 2,851,232 MACs.
+  arch = Arch(np.array([3, 2, 3], np.int32), np.array([2, 1, 1], np.int32))
+  # Params: n · (2DH + H + D) + D · n per layer: 12,672 + 18,816 + 49,920.
+  # MACs: 16 tokens · (k · 2DH + D · n + k · D) per layer: 133,632 + 149,760 + 266,240.
+  expected = {"params": 142_589 + 12_672 + 18_816 + 49_920,
+              "macs": 2_851_232 + 133_632 + 149_760 + 266_240}
+  assert expected == {"params": int(space.params(arch)), "macs": int(space.macs(arch))}
+  standalone = export.standalone(model, arch)
+  assert evaluate.model_costs(standalone) == expected
+  assert evaluate.model_costs(model) == {"params": int(space.params(space.largest())),
+                                         "macs": int(space.macs(space.largest()))}
+  # What the standalone computes also fills its capacity padding (eval capacity factor 2):
+  # n blocks of ceil(16 · k · 2 / n) slots for the 16 · k choices: 66 − 32, 32 − 16 and
+  # 33 − 16 empty slots of 2 · D · H MACs each, which model_costs leaves out.
+  padding = 34 * 2 * 32 * 64 + 16 * 2 * 48 * 96 + 17 * 2 * 64 * 128
+  assert _traced_macs(standalone) == expected["macs"] + padding == expected["macs"] + 565_248
+
+
+def _traced_macs(model):
+  graphdef, params, state = models.split(model)
+  image = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+  return costs.count_macs(lambda p, s, x: models.apply(graphdef, p, s, x)[0], params, state,
+                          image)
+
+
+def test_model_costs_of_a_dense_family_are_traced():
+  model = nnx.eval_shape(lambda: models.build("resnet", rngs=nnx.Rngs(0), num_classes=10,
+                                              image_size=(28, 28)))
+  assert not hasattr(model, "search_space")
+  assert evaluate.model_costs(model) == {"params": costs.count_params(model),
+                                         "macs": _traced_macs(model)}
 
 
 def test_bad_arguments_are_refused_before_any_compile(tiny_supernet, examples):

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from moenas_jax import loop, models, supernet
@@ -88,3 +89,46 @@ def test_bad_settings_and_a_nan_loss_are_refused(tiny_supernet):
   with pytest.raises(FloatingPointError, match="gradient norm is inf at step 9"):
     loop.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32("inf")}, 9)
   loop.check_finite({"loss": np.float32(2.3), "grad_norm": np.float32(0.5)}, 10)
+
+
+def _flat(tree):
+  """{'a/b/c': leaf} of a nested params tree (nnx.State or dicts)."""
+  return {"/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_weight_decay_is_masked_to_kernels_and_expert_matrices(tiny_supernet):
+  params = tiny_supernet[2]
+  mask = _flat(supernet.decay_mask(params))
+  ffn = "vit/0/transformer/0/ffn"
+  decayed = {name for name, value in mask.items() if value}
+  for name in ("stem/conv/kernel", "stage1/depthwise/conv/kernel", "vit/0/to_tokens/kernel",
+               "vit/0/transformer/0/attention/qkv/kernel", "head/kernel", f"{ffn}/w_in",
+               f"{ffn}/w_out"):
+    assert name in decayed, name
+  for name in ("stem/norm/scale", "stem/norm/bias", "vit/0/norm/scale", "head/bias",
+               "vit/0/transformer/0/attention/qkv/bias", "vit/0/transformer/0/ffn_norm/scale",
+               f"{ffn}/b_in", f"{ffn}/b_out", f"{ffn}/router"):
+    assert name in mask and name not in decayed, name
+  # Every decayed leaf ends in a kernel or an expert matrix; nothing else is.
+  assert {name.rsplit("/", 1)[1] for name in decayed} == {"kernel", "w_in", "w_out"}
+  assert all(mask[name] for name in mask if name.rsplit("/", 1)[1] in ("w_in", "w_out"))
+
+  # One step with zero gradients: Adam's update is 0, so only decay moves a weight, by
+  # lr · wd · value on kernels (here 0.1 · 0.5 = 5% of it) and not at all elsewhere.
+  # Shifted by 0.5 so that biases (zero at initialisation) would visibly decay too.
+  params = jax.tree.map(lambda v: np.asarray(v) + 0.5, params)
+  optimizer = supernet.make_optimizer(supernet.OptimizerSettings(
+      learning_rate=0.1, weight_decay=0.5, warmup_steps=0, total_steps=10))
+  @jax.jit  # one program, not one per leaf shape
+  def step(params):
+    zeros = jax.tree.map(jax.numpy.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  new = _flat(step(params))
+  old = _flat(params)
+  np.testing.assert_allclose(new["head/kernel"], 0.95 * old["head/kernel"], rtol=1e-6)
+  np.testing.assert_allclose(new[f"{ffn}/w_in"], 0.95 * old[f"{ffn}/w_in"], rtol=1e-6)
+  for name in ("head/bias", "stem/norm/scale", f"{ffn}/router", f"{ffn}/b_in"):
+    np.testing.assert_array_equal(new[name], old[name])

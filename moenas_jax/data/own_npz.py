@@ -57,14 +57,20 @@ class OwnNpz(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     path = self.builder_config.path
-    meta = _read(path, ("labels", "groups", "class_names", "group_names"))
+    meta = _read(path, ("labels", "groups", "split", "class_names", "group_names"))
     for name in ("labels", "groups"):
       if name not in meta:
         raise ValueError(f"{path} has no {name!r} array; it needs images, labels and groups")
     shape = _image_shape(path)
-    if len(shape) not in (3, 4) or shape[0] != len(meta["labels"]) != len(meta["groups"]):
-      raise ValueError(f"{path}: images {shape}, labels {meta['labels'].shape} and groups "
-                       f"{meta['groups'].shape} must be [N, H, W(, C)], [N] and [N]")
+    if len(shape) not in (3, 4):
+      raise ValueError(f"{path}: images have shape {shape}; they must be [N, H, W] or "
+                       f"[N, H, W, C]")
+    for name in ("labels", "groups", "split"):
+      if name in meta and meta[name].shape != (shape[0],):
+        size = (f"length {len(meta[name])}" if meta[name].ndim == 1
+                else f"shape {meta[name].shape}")
+        raise ValueError(f"{path}: {name} has {size} but images has length {shape[0]}; give "
+                         f"{name} one value per image (shape [{shape[0]}])")
     names = {key: [str(n) for n in meta[f"{key}_names"]] if f"{key}_names" in meta else
              [str(i) for i in range(int(meta[ids].max()) + 1)]
              for key, ids in (("class", "labels"), ("group", "groups"))}
