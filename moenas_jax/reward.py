@@ -468,33 +468,3 @@ class ParetoArchive:
     for entry in state["front"]:
       archive.add(entry)
     return archive
-
-
-# ---------------------------------------------------------------------------------------------
-# The call forms search.py uses today: thin wrappers over the table. Remove them once
-# search.py builds `spec_from_config(config.reward)` and calls its methods.
-
-@dataclasses.dataclass(frozen=True)
-class RewardWeights:
-  """The weights of `config.reward` (validated when a reward is computed from them)."""
-
-  disparity: float = CONFIG_DEFAULTS["disparity"]
-  robustness: float = CONFIG_DEFAULTS["robustness"]
-  gap: float = CONFIG_DEFAULTS["gap"]
-  worst_cell: float = CONFIG_DEFAULTS["worst_cell"]
-
-
-def reward(metrics: Mapping[str, Any], params: Any, macs: Any = None, *,
-           weights: RewardWeights = RewardWeights(), param_budget: float | None = None,
-           mac_budget: float | None = None) -> Any:
-  """`spec_from_config(weights and budgets).reward(metrics with params and macs)`."""
-  spec = spec_from_config({**dataclasses.asdict(weights), "param_budget": param_budget,
-                           "mac_budget": mac_budget})
-  costs = {"params": params} if macs is None else {"params": params, "macs": macs}
-  return spec.reward({**metrics, **costs})
-
-
-def check_budget(space: SearchSpace, param_budget: float | None,
-                 mac_budget: float | None = None) -> None:
-  """`spec_from_config(budgets).check_budget(space)`."""
-  spec_from_config({"param_budget": param_budget, "mac_budget": mac_budget}).check_budget(space)

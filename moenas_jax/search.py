@@ -92,7 +92,7 @@ def run_search(config: Any, workdir: str | os.PathLike,
         config, graphdef, params, state, space, data, workdir, log,
         evaluator=None if config.search.proxy_steps else evaluator)
     best = max(candidates, key=lambda record: record["reward"])
-    archive = reward.ParetoArchive()
+    archive = reward.ParetoArchive(settings.reward_spec(config))  # feasible candidates only
     for record in candidates:
       archive.add(record)
     lap("search")
@@ -107,8 +107,6 @@ def run_search(config: Any, workdir: str | os.PathLike,
     found_model, trained, found_predictions = final_stage.train_and_evaluate(
         config, "final", export.standalone(nnx.merge(graphdef, pruned_params, state),
                                            pruned_arch), data, workdir, log)
-    # Sizes as the search counts them (no capacity padding), like the rows above.
-    trained.update(params=after["params"], macs=after["macs"])
     lap("final")
     baselines, predictions = final_stage.train_baselines(config, supernet_model, data, workdir,
                                                          log)

@@ -9,7 +9,7 @@ Both raise `ConfigError`, whose message is `config.<field>=<value>: <why>; <fix>
 launchers print it as one `error: …` line and exit with status 2.
 
 The builders (`supernet_optimizer`, `train_settings`, `proxy_settings`, `controller_sizes`,
-`reward_settings`, `objective_settings`, `lighting_set`, `model_options`) are the one place
+`reward_spec`, `objective_settings`, `lighting_set`, `model_options`) are the one place
 a config section becomes the typed settings of the module that uses it.
 """
 
@@ -139,12 +139,12 @@ def controller_sizes(config: Any) -> dict[str, int]:
               batch_size=cfg.batch_size, seed=config.seed)
 
 
-def reward_settings(config: Any) -> dict[str, Any]:
-  """The keywords of `reward.reward`: the weights and the hard budgets."""
-  cfg = config.reward
-  return dict(weights=reward.RewardWeights(disparity=cfg.disparity, robustness=cfg.robustness,
-                                           gap=cfg.gap, worst_cell=cfg.worst_cell),
-              param_budget=cfg.param_budget, mac_budget=cfg.mac_budget)
+def reward_spec(config: Any) -> reward.RewardSpec:
+  """The table of reward terms, budgets and Pareto objectives of `config.reward`."""
+  try:
+    return reward.spec_from_config(config.reward)
+  except ValueError as error:
+    raise ConfigError("reward", config.reward, str(error), "fix that field") from None
 
 
 def lighting_set(severities: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -234,6 +234,7 @@ def _check_reward_section(config: Any) -> None:
     if value is not None and not (_is_number(value) and value > 0):
       raise ConfigError(f"reward.{name}", value, "must be a positive number", "or None for "
                         "no budget")
+  reward_spec(config)
 
 
 def _check_final_sections(config: Any) -> None:
@@ -293,15 +294,12 @@ def check(config: Any, data_dir: Any) -> None:
   except (ValueError, TypeError) as error:
     raise ConfigError("model", config.model.to_dict(), str(error),
                       "fix that field of config.model") from None
-  dense = space.dense()
-  for name, minimum, unit in (("param_budget", int(space.params(dense)), "parameters"),
-                              ("mac_budget", int(space.macs(dense)), "MACs per image")):
-    budget = config.reward[name]
-    if budget is not None and budget < minimum:
-      raise ConfigError(f"reward.{name}", budget, f"is below the {minimum:,} {unit} of the "
-                        f"smallest candidate (one expert, top-1 in every layer), so no "
-                        f"candidate fits", f"raise it to at least {minimum:,} or search a "
-                        f"smaller supernet")
+  try:
+    reward_spec(config).check_budget(space)
+  except ValueError as error:
+    field = "param_budget" if str(error).startswith("the params budget") else "mac_budget"
+    why, _, fix = str(error).partition("; ")
+    raise ConfigError(f"reward.{field}", config.reward[field], why, fix) from None
 
 
 def check_data(config: Any, train_size: int, unit_check: Callable[[str], Any],

@@ -49,16 +49,9 @@ def test_reward_by_hand_with_numpy_and_jax():
   macs = np.array([10, 10, 30])
   np.testing.assert_allclose(both.reward(_with(as_numpy, params=params, macs=macs)),
                              [1.175, -2.5 - 1 / 3, -3.0], rtol=1e-12)
-  # The call form search.py uses today gives the same numbers.
-  np.testing.assert_allclose(reward.reward(as_numpy, params, macs, param_budget=150,
-                                           mac_budget=20), [1.175, -2.5 - 1 / 3, -3.0],
-                             rtol=1e-12)
   # A worst-cell weight of 0.2 adds 0.1, 0.08, 0.
   np.testing.assert_allclose(reward.spec_from_config({"worst_cell": 0.2}).scalar_reward(as_numpy),
                              [1.275, 1.18, 0.55], rtol=1e-12)
-  np.testing.assert_allclose(
-      reward.reward(as_numpy, params, weights=reward.RewardWeights(worst_cell=0.2)),
-      [1.275, 1.18, 0.55], rtol=1e-12)
 
 
 def test_every_infeasible_candidate_ranks_below_every_feasible_one():
@@ -166,7 +159,7 @@ def test_bad_config_values_name_the_config_field():
     with pytest.raises(ValueError, match=message):
       reward.spec_from_config(config)
   with pytest.raises(ValueError, match=r"params: budget=0 must be a positive number"):
-    reward.check_budget(SPACE, 0)
+    reward.spec_from_config({"param_budget": 0})
 
 
 def test_missing_metrics_are_named():
@@ -198,14 +191,13 @@ def test_the_dense_candidate_is_the_smallest_and_check_budget_refuses_less():
   # Dense: 100 + (2·4·8 + 8 + 4) + (2·6·4 + 4 + 6) = 234 params; 1000 + 5·64 + 3·48 = 1464 MACs.
   assert (dense_params, dense_macs) == (234, 1464)
   reward.spec_from_config({"param_budget": 234, "mac_budget": 1464}).check_budget(SPACE)
-  reward.check_budget(SPACE, 234, 1464)
-  reward.check_budget(SPACE, None)
+  reward.spec_from_config({"param_budget": None}).check_budget(SPACE)
   with pytest.raises(ValueError, match=r"the params budget 233 is below the 234 parameters of "
                                        r"the smallest candidate .* raise it "
                                        r"\(config.reward.param_budget\) to at least 234"):
     reward.spec_from_config({"param_budget": 233}).check_budget(SPACE)
   with pytest.raises(ValueError, match=r"the macs budget 1,000 is below the 1,464 MACs per image"):
-    reward.check_budget(SPACE, 10_000, 1000)
+    reward.spec_from_config({"param_budget": 10_000, "mac_budget": 1000}).check_budget(SPACE)
 
 
 def _entry(name, accuracy, disparity, robustness, gap, params):

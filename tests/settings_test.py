@@ -56,7 +56,7 @@ BAD_VALUES = [
     ("reward.gap", float("nan"), "must be a finite number"),
     ("reward.param_budget", -5, "must be a positive number; or None for no budget"),
     ("reward.param_budget", 1000, r"is below the [\d,]+ parameters of the smallest candidate "
-                                  r".*; raise it to at least"),
+                                  r".*; raise it .*to at least"),
     ("reward.mac_budget", 10, r"is below the [\d,]+ MACs per image of the smallest candidate"),
     ("prune.min_fraction", 1.5, r"must be a finite number in \[0, 1\)"),
     ("train.epochs", 0, "must be an integer >= 1"),

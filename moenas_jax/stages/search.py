@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from moenas_jax import controllers, metrics, population, proxy, reward, search_space, settings
+from moenas_jax import controllers, metrics, population, proxy, search_space, settings
 from moenas_jax.data import pipeline
 from moenas_jax.progress import Progress
 from moenas_jax.stages.data import Data, objective
@@ -48,7 +48,7 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
                      tuner: proxy.ProxyTuner | None = None,
                      log: Callable[[str], None] = logging.info) -> controllers.Score:
   """The search's `score(archs, todo, cycle)`: validation metrics and reward of a batch."""
-  rewards_of = settings.reward_settings(config)
+  spec = settings.reward_spec(config)
   proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   def score(archs: search_space.Arch, todo: np.ndarray, cycle: int) -> list[dict]:
@@ -60,8 +60,7 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
           f"{logs['loss'][-1].mean():.3f}")
     scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
     scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
-    rewards = np.asarray(reward.reward(scores, scores["params"], scores["macs"], **rewards_of),
-                         np.float64)
+    rewards = np.asarray(spec.reward(scores), np.float64)
     return [{"metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
              "reward": float(rewards[i])} for i in todo]
 
