@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moenas_jax import costs, evaluate, export, metrics, models
+from moenas_jax import costs, evaluate, export, loss, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -111,9 +111,9 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples)
 
   @jax.jit
   def attacked_correct(batch, key):
-    def loss(images, labels):
+    def attacked_loss(images, labels):
       return (loss.cross_entropy(logits_of(images), labels) * batch["mask"]).sum()
-    images = metrics.pgd_attack(loss, batch["image"], batch["label"], key=key, steps=1)
+    images = metrics.pgd_attack(attacked_loss, batch["image"], batch["label"], key=key, steps=1)
     return ((logits_of(images).argmax(-1) == batch["label"]) & batch["mask"]).sum()
 
   attack_key = jax.random.split(jax.random.key(5))[1]
