@@ -14,7 +14,7 @@
 The result is JSON-ready (`metrics.to_python`: lists, floats, None for NaN).
 
 An `Evaluator` compiles one counting function per batch shape: the perturbation kind and
-severity are traced (`population.perturb`), so the clean pass and all lighting passes share
+severity are traced (`lighting.perturb_indexed`), so the clean pass and all lighting passes share
 it; the PGD attack is a second one. Counts accumulate on the device; only the clean
 predictions come to the host (per batch), for the bootstrap.
 """
@@ -29,12 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moenas_jax import costs, loss, metrics, models, population
+from moenas_jax import costs, loss, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
-# Index 0 of population.perturb's switch is the clean image, i the i-th of lighting.KINDS.
-_KIND_INDEX = {kind: i + 1 for i, kind in enumerate(lighting.KINDS)}
 # Shared by every Evaluator: compiled once per shape of the counts ([N, G] or [S, N, G]).
 _summarize = jax.jit(metrics.summarize)
 
@@ -45,14 +43,12 @@ class Evaluator:
   def __init__(self, graphdef: nnx.GraphDef, *, num_classes: int, num_groups: int,
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
                pgd_steps: int = 0):
-    unknown = sorted({kind for kind, _ in lighting_set} - set(_KIND_INDEX))
-    if unknown:
-      raise ValueError(f"unknown lighting kinds {unknown}; known: {', '.join(_KIND_INDEX)}")
     if batch_size < 1 or pgd_steps < 0:
       raise ValueError(f"need batch_size >= 1 and pgd_steps >= 0, got {batch_size}, "
                        f"{pgd_steps}")
     self.num_classes, self.num_groups, self.batch_size = num_classes, num_groups, batch_size
     self.lighting_set, self.pgd_steps = tuple(lighting_set), pgd_steps
+    self._indexed = lighting.indexed(lighting_set)  # checks the kinds
 
     def logits(params, state, arch, images):
       return models.apply(graphdef, params, state, images, arch)[0]
@@ -63,7 +59,7 @@ class Evaluator:
 
     def perturbed_counts(params, state, arch, batch, kind, severity, totals):
       """(predictions [B], totals + the counts of the batch under perturbation `kind`)."""
-      out = logits(params, state, arch, population.perturb(batch["image"], kind, severity))
+      out = logits(params, state, arch, lighting.perturb_indexed(batch["image"], kind, severity))
       return out.argmax(-1), counts(out, batch, totals)
 
     def adversarial_counts(params, state, arch, batch, key, totals):
@@ -101,9 +97,9 @@ class Evaluator:
       batch_predictions, clean = self._counts(params, state, arch, batch, np.int32(0),
                                               np.float32(0), clean)
       predictions.append(np.asarray(batch_predictions)[batch["mask"]])
-      perturbed = [self._counts(params, state, arch, batch, np.int32(_KIND_INDEX[kind]),
+      perturbed = [self._counts(params, state, arch, batch, np.int32(index),
                                 np.float32(severity), totals)[1]
-                   for (kind, severity), totals in zip(self.lighting_set, perturbed)]
+                   for (index, severity), totals in zip(self._indexed, perturbed)]
       if self.pgd_steps:
         adversarial = self._adversarial_counts(params, state, arch, batch,
                                                jax.random.fold_in(attack_key, b), adversarial)

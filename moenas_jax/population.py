@@ -35,21 +35,6 @@ from moenas_jax import metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
-# Index 0 of the perturbation switch is the clean image; then the lighting kinds in order.
-_KIND_NAMES = tuple(lighting.KINDS)
-
-
-def _identity(images: jax.Array, severity: jax.Array) -> jax.Array:
-  del severity
-  return images
-
-
-def perturb(images: jax.Array, kind: jax.Array, severity: jax.Array) -> jax.Array:
-  """Lighting perturbation with a traced kind (0: none, i: the i-th of `lighting.KINDS`)."""
-  branches = [_identity] + [lighting.KINDS[name] for name in _KIND_NAMES]
-  return jax.lax.switch(kind, branches, images, jnp.asarray(severity, jnp.float32))
-
-
 def make_mesh(devices: Sequence[jax.Device] | None = None, data_parallel: int = 1) -> Mesh:
   """A ('pop', 'data') mesh over the devices: `data_parallel` of them per candidate shard."""
   devices = list(jax.devices() if devices is None else devices)
@@ -131,9 +116,7 @@ class PopulationEvaluator:
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
                mesh: Mesh | None = None, per_candidate_weights: bool = False,
                chunk_size: int | None = None, recalibration_images: np.ndarray | None = None):
-    unknown = sorted({kind for kind, _ in lighting_set} - set(_KIND_NAMES))
-    if unknown:
-      raise ValueError(f"unknown lighting kinds {unknown}; known: {', '.join(_KIND_NAMES)}")
+    indexed_set = lighting.indexed(lighting_set)
     data_shards = 1 if mesh is None else mesh.shape["data"]
     if chunk_size is not None and chunk_size < 1:
       raise ValueError(f"chunk_size={chunk_size} must be positive (or None: all candidates at "
@@ -150,8 +133,7 @@ class PopulationEvaluator:
     self.per_candidate_weights, self.chunk_size = per_candidate_weights, chunk_size
     self.recalibration_images = (None if recalibration_images is None
                                  else jnp.asarray(recalibration_images, jnp.float32))
-    self.lighting_set = tuple((_KIND_NAMES.index(kind) + 1, severity)
-                              for kind, severity in lighting_set)
+    self.lighting_set = indexed_set
     params_axis = 0 if per_candidate_weights else None
     state_axis = 0 if per_candidate_weights or recalibration_images is not None else None
 
@@ -168,7 +150,7 @@ class PopulationEvaluator:
           params, state, archs)
 
     def population_counts(params, state, archs, batch, kind, severity, totals, num_chunks):
-      images = perturb(batch["image"], kind, severity)
+      images = lighting.perturb_indexed(batch["image"], kind, severity)
 
       def candidate(params, state, arch):
         logits, _, _ = models.apply(graphdef, params, state, images, arch, train=False)

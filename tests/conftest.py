@@ -8,17 +8,22 @@ kernel) inherit through JAX_COMPILATION_CACHE_DIR, so only the first of them com
 The suite runs on pytest-xdist workers, a test file at a time each (setup.cfg: `-n auto
 --dist loadfile --no-loadscope-reorder`): the main process makes the cache and the workers
 inherit it, so what one worker compiled another loads. The slowest files go first, in the
-order of `_SLOWEST_FIRST`, so that the longest work starts first; the two that need the smoke
-search start together, each on its own worker.
+order of `_SLOWEST_FIRST`, so that the longest work starts first. The finished smoke search
+is made once per session, in a folder the main process makes (`smoke_workdir`: the first
+worker to need it runs it under a file lock, the others wait and read it; a worker killed
+half way leaves a workdir the next one resumes), so the suite runs the smoke search from an
+empty workdir once, plus the killed-and-resumed run of tests/search_test.py.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,12 +32,14 @@ from flax import nnx
 
 from moenas_jax import models
 
-if "PYTEST_XDIST_WORKER" in os.environ:  # a worker: the main process made the cache
-  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker: the main process made both folders
+  _CACHE, _SHARED = os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["MOENAS_TEST_SHARED"]
 else:
   _CACHE = tempfile.mkdtemp(prefix="moenas_jax_xla_")
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  _SHARED = tempfile.mkdtemp(prefix="moenas_jax_shared_")
+  for folder in (_CACHE, _SHARED):
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["MOENAS_TEST_SHARED"] = _CACHE, _SHARED
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -50,8 +57,11 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
           "group": rng.integers(0, 2, size).astype(np.int32)}
 
 
-_SLOWEST_FIRST = ("search_test.py", "notebook_test.py", "proxy_test.py", "population_test.py",
-                  "finetune_test.py", "export_test.py", "models_test.py", "supernet_test.py")
+# search_test makes the smoke search while the other worker runs proxy_test; notebook_test,
+# which reads it, comes next.
+_SLOWEST_FIRST = ("search_test.py", "proxy_test.py", "notebook_test.py", "models_test.py",
+                  "population_test.py", "supernet_test.py", "moe_test.py", "finetune_test.py",
+                  "export_test.py", "routing_test.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -104,11 +114,15 @@ def tiny_supernet():
 
 
 @pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory):
-  """The workdir of a finished, uninterrupted smoke search (configs/smoke.py)."""
+def smoke_workdir():
+  """The workdir of a finished, uninterrupted smoke search (configs/smoke.py), shared by every
+  worker of the session: read it, or copy it to change it."""
   from configs import smoke
   from moenas_jax import search
 
-  workdir = tmp_path_factory.mktemp("smoke") / "run"
-  search.run_search(smoke.get_config(), workdir, log=print)
+  workdir = Path(_SHARED) / "smoke"
+  with open(Path(_SHARED) / "smoke.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not (workdir / "results" / "summary.json").exists():
+      search.run_search(smoke.get_config(), workdir, log=print)
   return workdir

@@ -11,6 +11,9 @@ to 5 strong); every result stays in [0, 1]:
   other channel counts are returned unchanged).
 
 `LIGHTING_SET` names the 25 (kind, severity) pairs the robustness metric averages over.
+`indexed(lighting_set)` gives the (index, severity) pairs of `perturb_indexed`, whose kind is
+traced (index 0: the clean image, i: the i-th of `KINDS`), so one compiled evaluation function
+serves the clean pass and every perturbation.
 """
 
 from __future__ import annotations
@@ -61,3 +64,23 @@ def perturb(images: jax.Array, kind: str, severity: int | jax.Array) -> jax.Arra
   if kind not in KINDS:
     raise ValueError(f"unknown lighting perturbation {kind!r}; choose one of {sorted(KINDS)}")
   return KINDS[kind](images, jnp.asarray(severity, jnp.float32))
+
+
+def _identity(images: jax.Array, severity: jax.Array) -> jax.Array:
+  del severity
+  return images
+
+
+def indexed(lighting_set) -> tuple[tuple[int, int], ...]:
+  """The (index, severity) pairs of `perturb_indexed` for (kind, severity) pairs."""
+  names = list(KINDS)
+  unknown = sorted({kind for kind, _ in lighting_set} - set(names))
+  if unknown:
+    raise ValueError(f"unknown lighting kinds {unknown}; known: {', '.join(names)}")
+  return tuple((names.index(kind) + 1, severity) for kind, severity in lighting_set)
+
+
+def perturb_indexed(images: jax.Array, index: jax.Array, severity: jax.Array) -> jax.Array:
+  """`perturb` with a traced kind: 0 the clean image, i the i-th of `KINDS` (`indexed`)."""
+  branches = [_identity, *KINDS.values()]
+  return jax.lax.switch(index, branches, images, jnp.asarray(severity, jnp.float32))
