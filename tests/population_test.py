@@ -189,8 +189,8 @@ print(json.dumps(out))
 
 def test_sharded_over_8_devices_equals_one_device():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=root, JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
