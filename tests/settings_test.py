@@ -157,3 +157,29 @@ def test_the_launcher_prints_one_line_and_exits_2_resuming_the_workdirs_config(t
                          "1..8; at most config.search.population_size=8"), result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "data").exists()
+
+
+def test_settings_that_do_not_change_results_never_block_a_resume(tmp_path):
+  config = smoke.get_config()
+  checkpoint.check_config(tmp_path, config.to_dict(), ignore=search.RESUME_IGNORES)
+  config.search.chunk_size, config.data.data_dir, config.log_every = 2, "/elsewhere", 7
+  assert checkpoint.check_config(tmp_path, config.to_dict(), ignore=search.RESUME_IGNORES) == []
+  config.search.bn_batches = 3  # changes the scores: refused
+  with pytest.raises(ValueError, match="search.bn_batches: 2 -> 3"):
+    checkpoint.check_config(tmp_path, config.to_dict(), ignore=search.RESUME_IGNORES)
+
+
+def test_the_dense_model_trained_alone_takes_config_model():
+  from flax import nnx
+
+  from moenas_jax.stages import data as data_stage
+  from moenas_jax.stages import final as final_stage
+  config = smoke.get_config()
+  config.model.width_multiplier = 0.5
+  data = data_stage.Data(train={}, held={}, search={}, robust={}, test={},
+                         class_names=tuple("abcdefghij"), group_names=("a", "b"),
+                         image_shape=(28, 28, 3))
+  model = nnx.eval_shape(lambda: final_stage.baseline(config, "mobilevit_v2_dense", None, data))
+  assert model.config["width_multiplier"] == 0.5
+  assert (model.config["max_experts"], model.config["max_top_k"]) == (1, 1)
+  assert model.config["depths"] == (1, 1, 1)  # the smoke supernet's, not the family default
