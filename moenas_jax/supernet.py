@@ -121,6 +121,13 @@ class SupernetTrainer:
     """(optimizer state, objective state): the `opt_state` that `step` takes and returns."""
     return self.optimizer.init(params), self.objective.init()
 
+  def place(self, tree: Any) -> Any:
+    """Weights and optimizer state replicated over the mesh's devices (unchanged without one),
+    so a restored checkpoint lands where a fresh run's arrays do."""
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(self.mesh, PS()))
+
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The batch split over every device of the mesh (unchanged without a mesh)."""
     if self.mesh is None:

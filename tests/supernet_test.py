@@ -132,3 +132,56 @@ def test_weight_decay_is_masked_to_kernels_and_expert_matrices(tiny_supernet):
   np.testing.assert_allclose(new[f"{ffn}/w_in"], 0.95 * old[f"{ffn}/w_in"], rtol=1e-6)
   for name in ("head/bias", "stem/norm/scale", f"{ffn}/router", f"{ffn}/b_in"):
     np.testing.assert_array_equal(new[name], old[name])
+
+
+_DATA_PARALLEL_SCRIPT = """
+import sys
+from pathlib import Path
+import jax, numpy as np
+from configs import smoke
+from moenas_jax.stages import data as data_stage, supernet as supernet_stage
+
+assert jax.device_count() == 8
+config = smoke.get_config()
+config.log_every = 2
+config.supernet.update(steps=6, checkpoint_every=2)  # batches of 32: 4 examples per device
+root = Path(sys.argv[1])
+data = data_stage.load_data(config, root)
+
+class Stop(Exception):
+  pass
+
+def train(workdir, stop_at=None):
+  def log(line):
+    if stop_at and line.startswith(f"[supernet] {stop_at}/"):
+      raise Stop
+  model = supernet_stage.build_supernet(config, data)  # training donates its weights
+  return supernet_stage.train_supernet(config, model, data, workdir, log)
+
+straight = train(root / "straight")
+try:
+  train(root / "resumed", stop_at=4)  # stopped mid-epoch, after the checkpoint of step 2
+except Stop:
+  pass
+resumed = train(root / "resumed")
+sharding = jax.tree.leaves(resumed)[0].sharding
+assert len(sharding.device_set) == 8, sharding  # restored replicated over the 8 devices
+equal = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                     straight, resumed)
+assert all(jax.tree.leaves(equal)), "resumed differs from uninterrupted"
+print("ok")
+"""
+
+
+def test_data_parallel_training_on_8_devices_resumes_exactly(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  done = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(tmp_path)],
+                        env=dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=root,
+                                 JAX_PLATFORMS="cpu"),
+                        cwd=root, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith("ok")

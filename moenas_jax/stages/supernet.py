@@ -44,7 +44,7 @@ def train_supernet(config: Any, supernet_model: nnx.Module, data: Data, workdir:
 
   with checkpoint.Checkpointer(workdir / "checkpoints" / "supernet") as checkpoints:
     fitted = loop.fit(
-        step, (params, state, trainer.init(params)),
+        step, trainer.place((params, state, trainer.init(params))),
         batches=lambda epoch: pipeline.train_batches(data.train, cfg.batch_size, config.seed,
                                                      epoch),
         steps_per_epoch=len(data.train["label"]) // cfg.batch_size, total_steps=cfg.steps,
