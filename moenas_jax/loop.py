@@ -63,8 +63,10 @@ def _abstract(tree: Any) -> Any:
       v, "sharding", None)), tree)
 
 
-def _means(logs: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  return {name: float(np.mean([entry[name] for entry in logs])) for name in logs[0]}
+def _means(logs: list[dict[str, Any]]) -> dict[str, float]:
+  """Means in float64, so restored (JSON) and fresh (float32) logs give the same history."""
+  return {name: float(np.mean(np.asarray([entry[name] for entry in logs], np.float64)))
+          for name in logs[0]}
 
 
 def _same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:
