@@ -1,5 +1,6 @@
-"""What every launcher does around the library: flags for the process, jax setup, the config
-of a workdir, and bad config values reported as one line with exit status 2."""
+"""What every launcher does around the library: flags for the process, jax setup, and bad
+config values reported as one line with exit status 2. The default --config of every
+launcher is configs/workdir.py: the workdir's own config.json when it has one."""
 
 from __future__ import annotations
 
@@ -7,15 +8,12 @@ import logging as pylogging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 from absl import flags, logging
-from ml_collections import config_flags
 
-from moenas_jax import checkpoint, settings
+from moenas_jax import settings
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -51,39 +49,6 @@ def log(message: str) -> None:
   """Progress lines: on the first process only."""
   if jax.process_index() == 0:
     _PROGRESS.info(message)
-
-
-def _tuples(tree: Any) -> Any:
-  """JSON's lists back to the tuples configs hold."""
-  if isinstance(tree, dict):
-    return {key: _tuples(value) for key, value in tree.items()}
-  if isinstance(tree, list):
-    return tuple(_tuples(value) for value in tree)
-  return tree
-
-
-# Keys the library adds to a workdir's config.json next to the config.
-_RUN_KEYS = ("train_model", "train_arch", "finetune_from")
-
-
-def config(flag: Any, workdir: str) -> ml_collections.ConfigDict:
-  """The config a launcher runs with: `--config` (a Python file) and its `--config.*`
-  overrides; when `--config` is not given and the workdir has a config.json (a run made
-  there), that run's config with the overrides, so a workdir resumes with its own config."""
-  stored = Path(workdir) / "config.json"
-  holder = flags.FLAGS[flag.name]
-  if holder.present or not stored.exists():
-    return flag.value
-  values = {key: value for key, value in checkpoint.read_json(stored).items()
-            if key not in _RUN_KEYS}
-  result = ml_collections.ConfigDict(_tuples(values))
-  for key, value in config_flags.get_override_values(holder).items():
-    path, _, name = key.rpartition(".")
-    target = result
-    for part in filter(None, path.split(".")):
-      target = target[part]
-    target[name] = value
-  return result
 
 
 def run_or_exit(main: Callable[[], Any]) -> Any:

@@ -18,7 +18,7 @@ from launch import common
 from moenas_jax import search
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS, "default.py"), "The search's config.")
+    "config", os.path.join(common.CONFIGS, "workdir.py"), "The search's config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished search's workdir.", required=True)
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  config = common.config(_CONFIG, _WORKDIR.value)
+  config = _CONFIG.value
   common.run_or_exit(lambda: search.run_baselines(config, _WORKDIR.value, log=common.log))
 
 

@@ -19,7 +19,7 @@ from launch import common
 from moenas_jax import retrain
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS, "default.py"), "Data and training recipe.")
+    "config", os.path.join(common.CONFIGS, "workdir.py"), "Data and training recipe.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.",
                                required=True)
 _FROM = flags.DEFINE_string("from", None, "An exported model: a search's <workdir>/final.",
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  config = common.config(_CONFIG, _WORKDIR.value)
+  config = _CONFIG.value
   common.run_or_exit(lambda: retrain.run_finetune(config, _WORKDIR.value, _FROM.value,
                                                     log=common.log))
 

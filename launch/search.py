@@ -21,7 +21,7 @@ from launch import common
 from moenas_jax import search
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS, "default.py"), "Search config (a Python file).")
+    "config", os.path.join(common.CONFIGS, "workdir.py"), "Search config (a Python file).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.",
                                required=True)
 
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
-  config = common.config(_CONFIG, _WORKDIR.value)
+  config = _CONFIG.value
   common.run_or_exit(lambda: search.run_search(config, _WORKDIR.value, log=common.log))
   common.log(f"results in {os.path.join(_WORKDIR.value, 'results')}")
 

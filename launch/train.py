@@ -19,7 +19,7 @@ from launch import common
 from moenas_jax import retrain, search_space
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS, "default.py"), "Data and training recipe.")
+    "config", os.path.join(common.CONFIGS, "workdir.py"), "Data and training recipe.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results go.",
                                required=True)
 _MODEL = flags.DEFINE_string("model", "mobilevit_v2_dense",
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup()
   arch = search_space.from_json(_ARCH.value) if _ARCH.value else None
-  config = common.config(_CONFIG, _WORKDIR.value)
+  config = _CONFIG.value
   common.run_or_exit(lambda: retrain.run_train(config, _WORKDIR.value, _MODEL.value, arch,
                                                  log=common.log))
 

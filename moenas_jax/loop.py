@@ -6,7 +6,9 @@ order fixed by the epoch), and keeps one resume scheme: with a `Checkpointer`, t
 saved every `checkpoint_every` steps and at the end (step number = steps done, meta =
 {"step", "history", **run}); a later call continues from the latest one, skipping the
 batches of the interrupted epoch it had done, so it ends bit for bit where an uninterrupted
-run does. A checkpoint of another run (its `run` identity differs) is refused.
+run does. A checkpoint of another run (its `run` identity, with `total_steps` and
+`steps_per_epoch`, differs) is refused, and so is an epoch of other than `steps_per_epoch`
+batches.
 
 Logs stay on the device until an epoch ends or a checkpoint is due; then every step's logs
 are checked (`check`, default `check_finite`: a non-finite loss or gradient stops the run,
@@ -71,6 +73,9 @@ def _means(logs: list[dict[str, Any]]) -> dict[str, float]:
 
 def _same_run(checkpointer: Checkpointer, run: dict[str, Any]) -> None:
   _, saved = checkpointer.restore()
+  if not {"step", "history", "epoch_logs"} <= set(saved):
+    raise ValueError(f"the checkpoint in {checkpointer.directory} was made by an older "
+                     f"moenas_jax (its meta has {sorted(saved)}); use a new workdir")
   differences = [f"{name}: {saved.get(name)} -> {value}" for name, value in run.items()
                  if saved.get(name) != value]
   if differences:
@@ -93,7 +98,8 @@ def fit(step: Callable[[Any, Any, int], tuple[Any, dict[str, Any]]], carry: Any,
   if steps_per_epoch < 1 or total_steps < 0:
     raise ValueError(f"need steps_per_epoch >= 1 and total_steps >= 0, got {steps_per_epoch}, "
                      f"{total_steps}")
-  run, log = dict(run or {}), log or (lambda line: None)
+  run = {**(run or {}), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+  log = log or (lambda line: None)
   every = checkpoint_every or steps_per_epoch
   done, history, epoch_host = 0, [], []
   if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -108,7 +114,9 @@ def fit(step: Callable[[Any, Any, int], tuple[Any, dict[str, Any]]], carry: Any,
   epoch, skip = divmod(done, steps_per_epoch)
   t = done
   while t < total_steps:
+    seen = 0
     for batch in batches(epoch):
+      seen += 1
       if skip:
         skip -= 1
         continue
@@ -141,5 +149,8 @@ def fit(step: Callable[[Any, Any, int], tuple[Any, dict[str, Any]]], carry: Any,
         epoch_host, ran, began = [], 0, time.perf_counter()
       if t == total_steps:
         break
+    if t < total_steps and seen != steps_per_epoch:
+      raise ValueError(f"batches({epoch}) gave {seen} batches, not steps_per_epoch="
+                       f"{steps_per_epoch}; give every epoch the same number of batches")
     epoch += 1
   return Fitted(carry, history, fetched)

@@ -81,3 +81,14 @@ def test_a_non_finite_loss_stops_before_its_checkpoint_naming_the_step(tmp_path)
     _fit(tmp_path, step=poisoned)
   with Checkpointer(tmp_path) as checkpointer:
     assert checkpointer.steps() == [2, 4]  # step index 4 is the fifth step: never saved
+
+
+def test_another_length_or_epochs_of_other_sizes_are_refused(tmp_path):
+  _fit(tmp_path / "a")
+  with Checkpointer(tmp_path / "a") as checkpointer, pytest.raises(
+      ValueError, match="total_steps: 7 -> 9"):
+    loop.fit(_step, np.zeros(2, np.float32), batches=_batches, steps_per_epoch=PER_EPOCH,
+             total_steps=9, checkpointer=checkpointer, run={"seed": 0})
+  with pytest.raises(ValueError, match=r"batches\(0\) gave 2 batches, not steps_per_epoch=3"):
+    loop.fit(_step, np.zeros(2, np.float32), batches=lambda epoch: _batches(epoch)[:2],
+             steps_per_epoch=PER_EPOCH, total_steps=STEPS)

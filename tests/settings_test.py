@@ -146,11 +146,13 @@ def test_the_launcher_prints_one_line_and_exits_2_resuming_the_workdirs_config(t
   """Without --config, a workdir runs with its own config.json (here: a bad tournament)."""
   config = smoke.get_config()
   config.search.tournament_size = 100
+  config.baselines, config.baseline_options = ("resnet",), {"resnet": {"depth": 8}}
   checkpoint.write_json_atomic(tmp_path / "config.json", config.to_dict())
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
+  result = subprocess.run(  # an override of a key configs/default.py does not have
       [sys.executable, "-m", "launch.search", f"--workdir={tmp_path}", "--config.seed=3",
-       "--compilation_cache_dir="], cwd=root, capture_output=True, text=True, timeout=300)
+       "--config.baseline_options.resnet.depth=14", "--compilation_cache_dir="], cwd=root,
+      capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.search.tournament_size=100: must be an integer in "
