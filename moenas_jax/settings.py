@@ -226,7 +226,7 @@ def _check_search_section(config: Any) -> None:
                       "fix those sizes of config.search") from None
 
 
-def _check_reward_section(config: Any) -> None:
+def _check_reward_section(config: Any) -> reward.RewardSpec:
   for name in ("disparity", "robustness", "gap", "worst_cell"):
     _number(config, f"reward.{name}", "a weight >= 0 (0 turns the term off)", high=1e6)
   for name in ("param_budget", "mac_budget"):
@@ -234,7 +234,7 @@ def _check_reward_section(config: Any) -> None:
     if value is not None and not (_is_number(value) and value > 0):
       raise ConfigError(f"reward.{name}", value, "must be a positive number", "or None for "
                         "no budget")
-  reward_spec(config)
+  return reward_spec(config)
 
 
 def _check_final_sections(config: Any) -> None:
@@ -274,7 +274,7 @@ def check(config: Any, data_dir: Any) -> None:
   _check_model_section(config)
   _check_supernet_section(config)
   _check_search_section(config)
-  _check_reward_section(config)
+  spec = _check_reward_section(config)
   _check_final_sections(config)
   cfg = config.data
   try:
@@ -295,7 +295,7 @@ def check(config: Any, data_dir: Any) -> None:
     raise ConfigError("model", config.model.to_dict(), str(error),
                       "fix that field of config.model") from None
   try:
-    reward_spec(config).check_budget(space)
+    spec.check_budget(space)
   except ValueError as error:
     field = "param_budget" if str(error).startswith("the params budget") else "mac_budget"
     why, _, fix = str(error).partition("; ")
