@@ -39,7 +39,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks import common
-from moenas_jax import evaluate, export, metrics, models, proxy, reward, search_space, settings
+from moenas_jax import export, models, population, proxy, reward, search_space, settings
 from moenas_jax import train as train_lib
 from moenas_jax.stages import data as data_stage
 from moenas_jax.stages import search as search_stage
@@ -74,23 +74,18 @@ def _standalone(supernet: common.Supernet, arch, seeds) -> list[dict[str, np.nda
   objective = data_stage.objective(config, "train", data)
   trainer = train_lib.Trainer(graphdef, settings.train_settings(config),
                               len(data.train["label"]), objective)
-  evaluator = evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
-                                 num_groups=len(data.group_names),
-                                 batch_size=config.data.eval_batch_size,
-                                 lighting_set=settings.lighting_set(
-                                     config.search.lighting_severities))
+  evaluator = population.PopulationEvaluator(graphdef, num_classes=len(data.class_names),
+                                             num_groups=len(data.group_names),
+                                             batch_size=config.data.eval_batch_size,
+                                             lighting_set=settings.lighting_set(
+                                                 config.search.lighting_severities))
   results = []
   for seed in seeds:
     trained_params, trained_state, _ = trainer.fit(params, state, data.train, seed=seed,
                                                    log=common.log)
-    scores = {name: np.asarray(value) for name, value in metrics.summarize(
-        evaluator.counts(trained_params, trained_state, data.search)).items()}
-    held = metrics.summarize(evaluator.counts(trained_params, trained_state, data.held))
-    scores["generalization_gap"] = np.asarray(metrics.generalization_gap(
-        np.asarray(held["group_accuracy"]), scores["group_accuracy"]))
-    scores["robustness"] = np.asarray(evaluator.evaluate(
-        trained_params, trained_state, data.robust, bootstrap_resamples=0)["robustness"])
-    results.append(scores)
+    scores = evaluator.evaluate(trained_params, trained_state, None, data.search, data.held,
+                                data.robust)  # the search's metrics, at P = 1
+    results.append({name: value[0] for name, value in scores.items()})
   return results
 
 

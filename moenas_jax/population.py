@@ -17,6 +17,11 @@ With more than one device, a `Mesh` with axes ('pop', 'data') shards the candida
 'pop' and the batch over 'data'; a population whose size does not divide the 'pop' axis is
 padded with copies of its last candidate, whose results are then dropped (so is one that
 does not split into equal chunks).
+
+The same evaluator scores one standalone model (`population=None`: P = 1, the model's own
+architecture) and attacks candidates with L∞ PGD (`pgd_steps` > 0: a second compiled
+function, vmapped the same way); `evaluate.Evaluator`, the test-time evaluator, is this at
+P = 1 plus the bootstrap.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import metrics, models
+from moenas_jax import loss, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -99,8 +104,10 @@ class PopulationEvaluator:
 
   `evaluate` returns, per candidate (arrays with a leading axis P): everything of
   `metrics.summarize` on the evaluation split, `robustness` (accuracy over the
-  `lighting_set` perturbations of the same split), `train_accuracy` on the held training
-  subset and `generalization_gap` (group-fair: `metrics.generalization_gap`). With
+  `lighting_set` perturbations of the same split) and `perturbation_accuracy` (one per
+  perturbation, [P, S]), `train_accuracy` on the held training subset and
+  `generalization_gap` (group-fair: `metrics.generalization_gap`), and with `pgd_steps` > 0
+  `adversarial_accuracy` under `metrics.pgd_attack` (ε = 8/255, steps of 2/255). With
   `per_candidate_weights=True` the params and state passed in carry a leading axis P too
   (proxy fine-tuned copies). `chunk_size`: at most this many candidates vmapped at once
   (None: all P).
@@ -115,8 +122,11 @@ class PopulationEvaluator:
   def __init__(self, graphdef: nnx.GraphDef, *, num_classes: int, num_groups: int,
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
                mesh: Mesh | None = None, per_candidate_weights: bool = False,
-               chunk_size: int | None = None, recalibration_images: np.ndarray | None = None):
+               chunk_size: int | None = None, recalibration_images: np.ndarray | None = None,
+               pgd_steps: int = 0):
     indexed_set = lighting.indexed(lighting_set)
+    if pgd_steps < 0:
+      raise ValueError(f"pgd_steps={pgd_steps} must be >= 0 (0: no attack)")
     data_shards = 1 if mesh is None else mesh.shape["data"]
     if chunk_size is not None and chunk_size < 1:
       raise ValueError(f"chunk_size={chunk_size} must be positive (or None: all candidates at "
@@ -133,7 +143,7 @@ class PopulationEvaluator:
     self.per_candidate_weights, self.chunk_size = per_candidate_weights, chunk_size
     self.recalibration_images = (None if recalibration_images is None
                                  else jnp.asarray(recalibration_images, jnp.float32))
-    self.lighting_set = indexed_set
+    self.lighting_set, self.pgd_steps = indexed_set, pgd_steps
     params_axis = 0 if per_candidate_weights else None
     state_axis = 0 if per_candidate_weights or recalibration_images is not None else None
 
@@ -149,96 +159,171 @@ class PopulationEvaluator:
       return chunked_vmap(candidate, num_chunks, (params_axis, params_axis, 0))(
           params, state, archs)
 
+    def logits_of(params, state, arch, images):
+      # A standalone model's placeholder arch (an int array, not an Arch) stands for None.
+      arch = arch if isinstance(arch, Arch) else None
+      return models.apply(graphdef, params, state, images, arch, train=False)[0]
+
+    def counts_of(logits, batch):
+      return metrics.batch_counts(logits, batch["label"], batch["group"], batch["mask"],
+                                  num_classes=num_classes, num_groups=num_groups)
+
     def population_counts(params, state, archs, batch, kind, severity, totals, num_chunks):
+      """(totals + the batch's counts under the perturbation, predictions [P, B])."""
       images = lighting.perturb_indexed(batch["image"], kind, severity)
 
       def candidate(params, state, arch):
-        logits, _, _ = models.apply(graphdef, params, state, images, arch, train=False)
-        return metrics.batch_counts(logits, batch["label"], batch["group"], batch["mask"],
-                                    num_classes=num_classes, num_groups=num_groups)
+        logits = logits_of(params, state, arch, images)
+        return counts_of(logits, batch), logits.argmax(-1).astype(jnp.int32)
+
+      counts, predictions = chunked_vmap(candidate, num_chunks, (params_axis, state_axis, 0))(
+          params, state, archs)
+      return jax.tree.map(jnp.add, totals, counts), predictions
+
+    def adversarial_counts(params, state, archs, batch, key, totals, num_chunks):
+      """totals + the batch's counts after each candidate's own PGD attack (from `key`)."""
+      def candidate(params, state, arch):
+        def attacked_loss(images, labels):
+          ce = loss.cross_entropy(logits_of(params, state, arch, images), labels)
+          return (ce * batch["mask"]).sum()
+
+        images = metrics.pgd_attack(attacked_loss, batch["image"], batch["label"], key=key,
+                                    steps=pgd_steps)
+        return counts_of(logits_of(params, state, arch, images), batch)
 
       counts = chunked_vmap(candidate, num_chunks, (params_axis, state_axis, 0))(
           params, state, archs)
       return jax.tree.map(jnp.add, totals, counts)
 
-    counts_shardings, recalibrate_shardings = {}, {}
+    counts_shardings, attack_shardings, recalibrate_shardings = {}, {}, {}
     if mesh is not None:
       candidates, replicated = NamedSharding(mesh, PS("pop")), NamedSharding(mesh, PS())
       params_sharding = candidates if per_candidate_weights else replicated
       state_sharding = candidates if state_axis == 0 else replicated
-      counts_shardings = dict(in_shardings=(params_sharding, state_sharding, candidates,
-                                            NamedSharding(mesh, PS("data")), replicated,
-                                            replicated, candidates),
+      inputs = (params_sharding, state_sharding, candidates, NamedSharding(mesh, PS("data")))
+      counts_shardings = dict(in_shardings=(*inputs, replicated, replicated, candidates),
+                              out_shardings=(candidates, NamedSharding(mesh, PS("pop", "data"))))
+      attack_shardings = dict(in_shardings=(*inputs, replicated, candidates),
                               out_shardings=candidates)
       recalibrate_shardings = dict(in_shardings=(params_sharding, params_sharding, candidates,
                                                  replicated),
                                    out_shardings=candidates)
     self._counts = jax.jit(population_counts, donate_argnums=6, static_argnums=7,
                            **counts_shardings)
+    self._adversarial_counts = jax.jit(adversarial_counts, donate_argnums=5, static_argnums=6,
+                                       **attack_shardings)
     self._recalibrate = jax.jit(bn_recalibrate, static_argnums=4, **recalibrate_shardings)
     self._summarize = jax.jit(jax.vmap(metrics.summarize))
 
-  def _padded(self, params: Any, state: Any, population: Arch) -> tuple[Any, Any, Arch, int]:
-    """(params, state, archs, chunks) padded (see `chunking`) to the compiled population size."""
+  def _padded(self, params: Any, state: Any, population: Arch | None
+              ) -> tuple[Any, Any, Any, int, int]:
+    """(params, state, archs, chunks, P) padded (see `chunking`) to the compiled population
+    size; a standalone model (`population=None`, P = 1) gets placeholder archs."""
+    if population is None and self.recalibration_images is not None:
+      raise ValueError("a standalone model (population=None) has its own batch-norm state; "
+                       "score it with an evaluator built without recalibration_images")
     shards = 1 if self.mesh is None else self.mesh.shape["pop"]
-    num_chunks, size = chunking(int(np.shape(population.num_experts)[0]), self.chunk_size,
-                                shards)
-    archs = pad_candidates(jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), population), size)
+    size = 1 if population is None else int(np.shape(population.num_experts)[0])
+    num_chunks, padded = chunking(size, self.chunk_size, shards)
+    if population is None:
+      archs = jnp.zeros((padded,), jnp.int32)
+    else:
+      archs = pad_candidates(jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), population),
+                             padded)
     if self.per_candidate_weights:
-      params, state = pad_candidates((params, state), size)
-    return params, state, archs, num_chunks
+      params, state = pad_candidates((params, state), padded)
+    return params, state, archs, num_chunks, size
 
   def recalibrate(self, params: Any, state: Any, population: Arch) -> Any:
     """Each candidate's own batch-norm state [P, ...] from `recalibration_images`."""
     if self.recalibration_images is None:
       raise ValueError("this evaluator has no recalibration_images; build it with training "
                        "batches to recalibrate batch norm")
-    size = int(np.shape(population.num_experts)[0])
-    params, state, archs, num_chunks = self._padded(params, state, population)
+    params, state, archs, num_chunks, size = self._padded(params, state, population)
     recalibrated = self._recalibrate(params, state, archs, self.recalibration_images, num_chunks)
     return jax.tree.map(lambda v: v[:size], recalibrated)
 
-  def counts(self, params: Any, state: Any, population: Arch, examples: pipeline.Examples,
-             perturbations: Sequence[tuple[int, int]] = ((0, 0),)) -> metrics.Counts:
+  def _prepared(self, params: Any, state: Any, population: Arch | None
+                ) -> tuple[Any, Any, Any, int, int, metrics.Counts]:
+    """`_padded`, a recalibrated state [P, ...] padded too, and zero counts [P', N, G]."""
+    params, state, archs, num_chunks, size = self._padded(params, state, population)
+    padded = jax.tree.leaves(archs)[0].shape[0]
+    if self.recalibration_images is not None and not self.per_candidate_weights:
+      state = pad_candidates(state, padded)
+    zeros = jax.tree.map(lambda v: jnp.zeros((padded, *v.shape), v.dtype),
+                         metrics.Counts.zeros(self.num_classes, self.num_groups))
+    return params, state, archs, num_chunks, size, zeros
+
+  def _scan(self, params: Any, state: Any, population: Arch | None,
+            examples: pipeline.Examples, perturbations: Sequence[tuple[int, float]], *,
+            with_predictions: bool = False) -> tuple[list[metrics.Counts], np.ndarray | None]:
+    """Counts [P', N, G] per (kind index, severity), P' the padded size, and with
+    `with_predictions` the predicted classes [P, n] under the first of them."""
+    params, state, archs, num_chunks, size, zeros = self._prepared(params, state, population)
+    totals = [jax.tree.map(jnp.copy, zeros) for _ in perturbations]  # each is donated
+    predictions = []
+    for batch in pipeline.eval_batches(examples, self.batch_size):
+      for i, (kind, severity) in enumerate(perturbations):
+        totals[i], batch_predictions = self._counts(params, state, archs, batch, np.int32(kind),
+                                                    np.float32(severity), totals[i], num_chunks)
+        if with_predictions and i == 0:
+          predictions.append(np.asarray(batch_predictions)[:size, batch["mask"]])
+    return totals, (np.concatenate(predictions, 1) if with_predictions else None)
+
+  def counts(self, params: Any, state: Any, population: Arch | None,
+             examples: pipeline.Examples,
+             perturbations: Sequence[tuple[int, float]] = ((0, 0),)) -> metrics.Counts:
     """Counts summed over every batch of `examples` and every (kind index, severity).
 
-    `state` is per candidate [P, ...] when the evaluator recalibrates (`recalibrate`) or has
-    per-candidate weights, else shared. The counts' leading axis is the population's size P,
-    padded (see `chunking`) when the mesh's 'pop' axis or the chunks do not divide P:
-    entries from P on repeat the last candidate.
+    `population`: candidates [P, L], or None for a standalone model (P = 1). `state` is per
+    candidate [P, ...] when the evaluator recalibrates (`recalibrate`) or has per-candidate
+    weights, else shared. The counts' leading axis is P, padded (see `chunking`) when the
+    mesh's 'pop' axis or the chunks do not divide P: entries from P on repeat the last one.
     """
-    per_candidate_state = self.recalibration_images is not None and not self.per_candidate_weights
-    params, state, archs, num_chunks = self._padded(params, state, population)
-    if per_candidate_state:
-      state = pad_candidates(state, int(archs.num_experts.shape[0]))
-    totals = metrics.Counts.zeros(self.num_classes, self.num_groups)
-    totals = jax.tree.map(lambda v: jnp.zeros((archs.num_experts.shape[0], *v.shape), v.dtype),
-                          totals)
-    for batch in pipeline.eval_batches(examples, self.batch_size):
-      for kind, severity in perturbations:
-        totals = self._counts(params, state, archs, batch, np.int32(kind),
-                              np.float32(severity), totals, num_chunks)
+    totals, _ = self._scan(params, state, population, examples, perturbations)
+    return jax.tree.map(lambda *v: sum(v[1:], v[0]), *totals)
+
+  def adversarial_counts(self, params: Any, state: Any, population: Arch | None,
+                         examples: pipeline.Examples, key: jax.Array) -> metrics.Counts:
+    """Counts after PGD (`pgd_steps`), batch b attacked from `fold_in(key, b)`; as `counts`."""
+    if not self.pgd_steps:
+      raise ValueError("this evaluator has pgd_steps=0; build it with pgd_steps > 0 to attack")
+    params, state, archs, num_chunks, _, totals = self._prepared(params, state, population)
+    for b, batch in enumerate(pipeline.eval_batches(examples, self.batch_size)):
+      totals = self._adversarial_counts(params, state, archs, batch,
+                                        jax.random.fold_in(key, b), totals, num_chunks)
     return totals
 
-  def evaluate(self, params: Any, state: Any, population: Arch, eval_examples: pipeline.Examples,
-               held_examples: pipeline.Examples | None = None,
-               robust_examples: pipeline.Examples | None = None) -> dict[str, np.ndarray]:
-    """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L].
+  def evaluate(self, params: Any, state: Any, population: Arch | None,
+               eval_examples: pipeline.Examples, held_examples: pipeline.Examples | None = None,
+               robust_examples: pipeline.Examples | None = None, *,
+               attack_key: jax.Array | None = None,
+               with_predictions: bool = False) -> dict[str, np.ndarray]:
+    """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L], or
+    of a standalone model (`population=None`, P = 1).
 
     Robustness is measured on `robust_examples` (default: the evaluation examples). With
     `recalibration_images`, every candidate is scored with its recalibrated batch-norm state.
+    With `pgd_steps` > 0, `attack_key` seeds the attack (`adversarial_counts`).
+    `with_predictions`: also "predictions", the clean predicted classes [P, n].
     """
-    size = int(np.shape(population.num_experts)[0])
-    if self.recalibration_images is not None:
+    if self.pgd_steps and attack_key is None:
+      raise ValueError("an evaluator with pgd_steps > 0 needs attack_key (its random starts)")
+    size = 1 if population is None else int(np.shape(population.num_experts)[0])
+    if self.recalibration_images is not None and population is not None:
       state = self.recalibrate(params, state, population)
-    summary = self._summarize(self.counts(params, state, population, eval_examples))
+    (clean,), predictions = self._scan(params, state, population, eval_examples, ((0, 0),),
+                                       with_predictions=with_predictions)
+    summary = self._summarize(clean)
     if self.lighting_set:
       robust_examples = eval_examples if robust_examples is None else robust_examples
-      robust = self._summarize(self.counts(params, state, population, robust_examples,
-                                           self.lighting_set))
+      perturbed, _ = self._scan(params, state, population, robust_examples, self.lighting_set)
+      each = jax.tree.map(lambda *v: jnp.stack(v, 1), *perturbed)  # [P, S, N, G]
       # Counts summed over equally sized perturbed copies: their accuracy is the mean accuracy.
+      robust = self._summarize(jax.tree.map(lambda v: v.sum(1), each))
       summary["robustness"] = robust["accuracy"]
       summary["robust_worst_group_accuracy"] = robust["worst_group_accuracy"]
+      summary["perturbation_accuracy"] = self._summarize(each)["accuracy"]  # [P, S]
     if held_examples is not None:
       held = self._summarize(self.counts(params, state, population, held_examples))
       summary["train_accuracy"] = held["accuracy"]
@@ -246,4 +331,10 @@ class PopulationEvaluator:
           held["group_accuracy"], summary["group_accuracy"])
       summary["pooled_generalization_gap"] = metrics.pooled_generalization_gap(
           held["accuracy"], summary["accuracy"])
-    return {name: np.asarray(values)[:size] for name, values in summary.items()}
+    if self.pgd_steps:
+      summary["adversarial_accuracy"] = self._summarize(self.adversarial_counts(
+          params, state, population, eval_examples, attack_key))["accuracy"]
+    result = {name: np.asarray(values)[:size] for name, values in summary.items()}
+    if with_predictions:
+      result["predictions"] = predictions
+    return result

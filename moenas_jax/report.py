@@ -265,8 +265,9 @@ def _markdown(summary: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]
     out.append(_table(["stage", "time"], ([stage, _duration(s)] for stage, s in timing.items())))
   if compilations:
     out.append("## XLA compilations\n")
-    out.append(_table(["function", "compilations"],
-                      ([name, str(count)] for name, count in compilations.items())))
+    out.append(_table(["stage", "function", "compilations"],
+                      ([stage, name, str(count)] for stage, counts in compilations.items()
+                       for name, count in counts.items())))
   titles = {"pareto.png": "Accuracy vs disparity", "group_accuracy.png": "Accuracy per group",
             "search_progress.png": "Search progress"}
   figures = [f"![{title}]({name})\n" for name, title in titles.items() if name in paths]

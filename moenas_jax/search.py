@@ -43,9 +43,9 @@ from moenas_jax.stages import supernet as supernet_stage
 RESUME_IGNORES = (*checkpoint.IGNORED_CONFIG_KEYS, "search.chunk_size", "data.data_dir")
 # Config keys a later `run_baselines` may change in a finished workdir.
 _BASELINE_KEYS = (*RESUME_IGNORES, "baselines", "baseline_options")
-# The jitted functions whose compilations the summary reports.
+# The jitted functions whose compilations the summary reports (per stage).
 _COMPILED = ("supernet_step", "proxy_step", "bn_recalibrate", "population_counts",
-             "train_step", "perturbed_counts", "adversarial_counts", "usage_counts")
+             "train_step", "adversarial_counts", "usage_counts")
 
 
 def prepare(config: Any, workdir: Path, ignore: tuple[str, ...] = RESUME_IGNORES,
@@ -64,13 +64,18 @@ def run_search(config: Any, workdir: str | os.PathLike,
   workdir = Path(workdir)
   prepare(config, workdir)
   timing: dict[str, float] = {}
-  clock = time.perf_counter()
+  compilations: dict[str, dict[str, int]] = {}
+  clock, counted = time.perf_counter(), 0
 
   def lap(stage: str) -> None:
-    nonlocal clock
+    """The stage's time and its compilations of the `_COMPILED` functions."""
+    nonlocal clock, counted
     now = time.perf_counter()
     timing[stage] = round(now - clock, 2)
-    clock = now
+    names = collections.Counter(compiled.names[counted:])
+    compilations[stage] = {name: names[f"jit({name})"] + names[name] for name in _COMPILED
+                           if names[f"jit({name})"] + names[name]}
+    clock, counted = now, len(compiled.names)
 
   with count_compilations() as compiled:
     data = data_stage.load_data(config, workdir)
@@ -116,7 +121,6 @@ def run_search(config: Any, workdir: str | os.PathLike,
 
     export.save(workdir / "final", found_model, model_name=config.model.name,
                 arch=pruned_arch, class_names=data.class_names, group_names=data.group_names)
-  counts = collections.Counter(compiled.names)
   summary = {
       "best": best, "pareto": archive.front,
       "final": {"trained": trained, "before_pruning": before, "after_pruning": after,
@@ -126,7 +130,7 @@ def run_search(config: Any, workdir: str | os.PathLike,
       "comparison": final_stage.comparisons(config, data, predictions, baselines),
       "group_counts": data.group_counts(),
       "timing": timing,
-      "compilations": {name: counts[f"jit({name})"] + counts[name] for name in _COMPILED},
+      "compilations": compilations,
   }
   report_lib.write_report(workdir / "results", summary, candidates, data.group_names)
   log("\n" + report_lib.results_table(summary))

@@ -12,7 +12,7 @@ import pytest
 
 from flax import nnx
 
-from moenas_jax import evaluate, metrics, models, population, search_space
+from moenas_jax import evaluate, models, population, search_space
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting
 
@@ -93,15 +93,49 @@ def test_recalibration_gives_each_candidate_the_mean_of_its_batch_statistics(tin
     chex.assert_trees_all_close(jax.tree.map(lambda v, p=p: v[p], recalibrated), own,
                                 rtol=1e-4, atol=1e-5)
     # Scored with its own statistics: what one model with that state scores.
-    counts = single.counts(params, own, evaluation, arch)
-    np.testing.assert_allclose(results["accuracy"][p],
-                               metrics.summarize(counts)["accuracy"], atol=1e-6)
+    own_result = single.evaluate(params, own, evaluation, arch=arch, bootstrap_resamples=0)
+    np.testing.assert_allclose(results["accuracy"][p], own_result["accuracy"], atol=1e-6)
   with pytest.raises(ValueError, match="no recalibration_images"):
     population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
                                    batch_size=8).recalibrate(params, state, archs)
+  with pytest.raises(ValueError, match="a standalone model .* has its own batch-norm state"):
+    evaluator.evaluate(params, state, None, evaluation)
   with pytest.raises(ValueError, match=r"recalibration_images must be \[NB, B, H, W, C\]"):
     population.PopulationEvaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
                                    batch_size=8, recalibration_images=images[0])
+
+
+def test_attacks_and_predictions_of_a_population_equal_the_test_evaluator_at_p_1(
+    tiny_supernet, examples):
+  """PGD vmapped over candidates (one key), per-perturbation accuracies and predictions: each
+  candidate's equal what `evaluate.Evaluator` (the same evaluator at P = 1) gives it."""
+  model, graphdef, params, state = tiny_supernet
+  archs = model.search_space().sample_population(jax.random.key(8), 2)
+  evaluation = examples(2, 12)  # the last batch of 8 is padded
+  lighting_set = (("brightness", 5), ("gamma", 5))
+  settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
+                  lighting_set=lighting_set, pgd_steps=1)
+  attack_key = jax.random.split(jax.random.key(4))[1]  # the test evaluator's, seed 4
+  scores = population.PopulationEvaluator(graphdef, **settings).evaluate(
+      params, state, archs, evaluation, attack_key=attack_key, with_predictions=True)
+  assert scores["perturbation_accuracy"].shape == (2, 2)
+  assert scores["predictions"].shape == (2, 12)
+  single = evaluate.Evaluator(graphdef, **settings)
+  for p, arch in enumerate(search_space.unstack(archs)):
+    result, predictions = single.evaluate(params, state, evaluation, arch=arch, seed=4,
+                                          bootstrap_resamples=0, with_predictions=True)
+    np.testing.assert_array_equal(scores["predictions"][p], predictions)
+    np.testing.assert_allclose(scores["accuracy"][p], np.mean(
+        predictions == evaluation["label"]), atol=1e-6)
+    for name in ("accuracy", "adversarial_accuracy", "robustness"):
+      np.testing.assert_allclose(scores[name][p], result[name], atol=1e-6)
+    np.testing.assert_allclose(scores["perturbation_accuracy"][p],
+                               list(result["robustness_by_kind"].values()), atol=1e-6)
+    # Summed counts over equal-size perturbed copies: robustness is their mean accuracy.
+    np.testing.assert_allclose(result["robustness"],
+                               np.mean(scores["perturbation_accuracy"][p]), atol=1e-6)
+  with pytest.raises(ValueError, match="needs attack_key"):
+    single.population.evaluate(params, state, None, evaluation)
 
 
 def test_padding_candidates_repeats_the_last_one():

@@ -41,7 +41,8 @@ def _summary(candidates):
           "worst_group_accuracy": {"estimate": 0.08, "low": None, "high": None}}}],
       "group_counts": {"train": [600, 300, 100], "test": [60, 30, 10]},
       "timing": {"supernet": 12.34, "search": 125.0, "final": 4000.0},
-      "compilations": {"supernet_step": 1, "evaluate_population": 1},
+      "compilations": {"supernet": {"supernet_step": 1},
+                       "search": {"bn_recalibrate": 1, "population_counts": 1}},
   }
 
 
@@ -73,7 +74,7 @@ def test_write_report(tmp_path):
   assert "### Pareto set (3 candidates)" in text
   assert "| supernet | 12.3 s |" in text and "| search | 2 min 05 s |" in text
   assert "| final | 1 h 06 min |" in text
-  assert "| evaluate_population | 1 |" in text
+  assert "| search | population_counts | 1 |" in text
   assert "12 candidates scored; best reward 0.110 (cycle 2): num_experts 8-4-2 · top_k 1-2-1" \
       in text
   assert "![Accuracy vs disparity](pareto.png)" in text

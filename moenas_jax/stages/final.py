@@ -65,7 +65,7 @@ def train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, wo
   with checkpoint.Checkpointer(workdir / "checkpoints" / name) as checkpoints:
     params, state, _ = train.train(graphdef, params, state, data.train,
                                    settings=settings.train_settings(config), seed=config.seed,
-                                   checkpointer=checkpoints, log=log,
+                                   checkpointer=checkpoints, log=log, name=name,
                                    objective=objective(config, "train", data, objective_name))
   nnx.update(model, params, state)
   results, predictions = _test_metrics(config, test_evaluator(config, graphdef, data), params,
