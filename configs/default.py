@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       objective=dict(name="group_dro", units="group", dro_step_size=0.1)))
 
   config.search = ml_collections.ConfigDict(dict(
-      controller="evolution",  # or "random" (moenas_jax/controllers.py)
+      controller="evolution",  # or "bo", "random" (moenas_jax/controllers.py)
       candidates=96,  # candidates proposed in total (cycles = candidates / batch_size)
       # Regularized evolution: population N, tournament S, P children per cycle (P < N: each
       # cycle the P oldest die; the first N / P cycles fill the population).
@@ -76,6 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
       # inside one compiled call (on a 2-core CPU about 30% faster than all 24 at once,
       # whose activations fall out of cache). 0: all at once, as suits accelerators.
       chunk_size=8,
+      # Bayesian optimisation (controller "bo", moenas_jax/bayesopt.py): a surrogate of the
+      # reward fitted on every architecture scored so far ("xgboost": quantile trees, needs
+      # pip install "moenas_jax[bo]"; "ridge": a bootstrap ensemble of ridge regressions,
+      # NumPy only); each cycle proposes the P unscored candidates of highest mean +
+      # bo_kappa · spread among bo_pool_size random samples and as many mutants of the P
+      # best, candidates over reward.param_budget / mac_budget dropped first. Random
+      # proposals until bo_warmup (>= 2) distinct architectures are scored (2 cycles of 8).
+      bo_surrogate="xgboost", bo_kappa=1.0, bo_pool_size=256, bo_warmup=16,
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w

@@ -3,8 +3,9 @@ drives them.
 
 A `Controller` proposes a batch of P candidates (`ask`), takes their rewards (`tell`) and
 saves its state as JSON (`state_dict` / `from_state_dict`). Strategies: `evolution`
-(regularized evolution, `evolution.Evolution`) and `random` (`RandomSearch`, the baseline a
-search must beat at equal budget). `make(name, ...)` builds one from the search settings.
+(regularized evolution, `evolution.Evolution`), `bo` (Bayesian optimisation over a surrogate
+of the reward, `bayesopt.BayesOpt`) and `random` (`RandomSearch`, the baseline a search must
+beat at equal budget). `make(name, ...)` builds one from the search settings.
 
 `run` is the search loop for every controller. It owns the reward cache (`ScoreCache`): a
 candidate whose architecture was scored before is not evaluated again, its first reward is
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from moenas_jax import candidate_log, checkpoint, evolution, search_space
+from moenas_jax import bayesopt, candidate_log, checkpoint, evolution, search_space
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -135,26 +136,34 @@ def _check_rewards(rewards: Any, batch_size: int) -> None:
     raise ValueError(f"tell() needs {batch_size} finite rewards, got {rewards!r}")
 
 
-NAMES = ("evolution", "random")
+CONTROLLERS = {"bo": bayesopt.BayesOpt, "evolution": evolution.Evolution, "random": RandomSearch}
+NAMES = tuple(CONTROLLERS)
+Settings = bayesopt.BOSettings | evolution.EvolutionSettings | RandomSettings
 
 
 def settings(name: str, *, population_size: int, tournament_size: int, batch_size: int,
-             seed: int) -> evolution.EvolutionSettings | RandomSettings:
+             seed: int, bo: dict[str, Any] | None = None) -> Settings:
   """The checked settings of controller `name` (one of `NAMES`); builds nothing else, so a
-  config can be validated before anything compiles."""
+  config can be validated before anything compiles.
+
+  `bo`: the `bayesopt.BOSettings` fields other than batch_size and seed (their defaults when
+  None), e.g. the surrogate and the budgets; only `bo` reads them.
+  """
   if name == "evolution":
     return evolution.EvolutionSettings(population_size=population_size,
                                        tournament_size=tournament_size,
                                        batch_size=batch_size, seed=seed)
   if name == "random":
     return RandomSettings(batch_size=batch_size, seed=seed)
+  if name == "bo":
+    return bayesopt.BOSettings(batch_size=batch_size, seed=seed, **(bo or {}))
   raise ValueError(f"unknown controller {name!r}; use one of {', '.join(NAMES)}")
 
 
-def make(name: str, space: SearchSpace, **sizes: int) -> Controller:
-  """The controller `name` with the search's settings (see `settings`)."""
-  chosen = settings(name, **sizes)
-  return (evolution.Evolution if name == "evolution" else RandomSearch)(space, chosen)
+def make(name: str, space: SearchSpace, **options: Any) -> Controller:
+  """The controller `name` with the search's settings (the keywords of `settings`)."""
+  chosen = settings(name, **options)
+  return CONTROLLERS[name](space, chosen)
 
 
 class ScoreCache:

@@ -59,6 +59,22 @@ def from_json(text: str | dict) -> Arch:
   return Arch(**{name: np.asarray(data[name], np.int32) for name in names})
 
 
+def features(space: SearchSpace, archs: Arch, *, one_hot: bool = False) -> np.ndarray:
+  """Numeric columns [P, F] (float64) of a population, for surrogate models of the reward.
+
+  One column per gene (field of `space.gene_maxima()`, then layer) holding value / maximum,
+  in (0, 1]; with `one_hot`, one indicator column per value 1..maximum of each gene instead.
+  A new gene (an `Arch` field with its `gene_maxima` entry) adds its columns here.
+  """
+  columns = []
+  for name, maxima in space.gene_maxima().items():
+    values = np.asarray(getattr(archs, name), np.int64)
+    for layer, maximum in enumerate(maxima):
+      gene = values[:, layer:layer + 1]
+      columns.append(gene == np.arange(1, maximum + 1) if one_hot else gene / maximum)
+  return np.concatenate(columns, axis=1).astype(np.float64)
+
+
 def stack(archs: Sequence[Arch]) -> Arch:
   """P candidates → one population pytree with a leading axis P."""
   if not archs:
@@ -107,6 +123,10 @@ class SearchSpace:
   @property
   def num_layers(self) -> int:
     return len(self.layers)
+
+  def gene_maxima(self) -> dict[str, tuple[int, ...]]:
+    """Per `Arch` field, each layer's largest value (every gene takes values 1..maximum)."""
+    return {"num_experts": self.max_experts, "top_k": self.max_top_k}
 
   def _maxima(self) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32)

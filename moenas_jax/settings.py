@@ -8,7 +8,7 @@ dataset's image shape, and the budgets against the smallest candidate of its spa
 Both raise `ConfigError`, whose message is `config.<field>=<value>: <why>; <fix>`; the
 launchers print it as one `error: …` line and exit with status 2.
 
-The builders (`supernet_optimizer`, `train_settings`, `proxy_settings`, `controller_sizes`,
+The builders (`supernet_optimizer`, `train_settings`, `proxy_settings`, `controller_options`,
 `reward_spec`, `objective_settings`, `lighting_set`, `model_options`) are the one place
 a config section becomes the typed settings of the module that uses it.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from moenas_jax import controllers, models, objectives, proxy, reward, supernet, train
+from moenas_jax import bayesopt, controllers, models, objectives, proxy, reward, supernet, train
 from moenas_jax.data import DATASETS, describe_dataset, lighting
 
 
@@ -133,10 +133,16 @@ def proxy_settings(config: Any) -> proxy.ProxySettings:
                              learning_rate=cfg.proxy_learning_rate)
 
 
-def controller_sizes(config: Any) -> dict[str, int]:
+def controller_options(config: Any) -> dict[str, Any]:
+  """The keywords of `controllers.settings` / `make`; `bo` carries the reward's hard params
+  and MACs budgets, which the bo controller applies before proposing."""
   cfg = config.search
+  budgets = {term.metric: term.budget for term in reward_spec(config).budgets}
+  bo = dict(surrogate=cfg.bo_surrogate, kappa=cfg.bo_kappa, pool_size=cfg.bo_pool_size,
+            warmup=cfg.bo_warmup, param_budget=budgets.get("params"),
+            mac_budget=budgets.get("macs"))
   return dict(population_size=cfg.population_size, tournament_size=cfg.tournament_size,
-              batch_size=cfg.batch_size, seed=config.seed)
+              batch_size=cfg.batch_size, seed=config.seed, bo=bo)
 
 
 def reward_spec(config: Any) -> reward.RewardSpec:
@@ -219,11 +225,31 @@ def _check_search_section(config: Any) -> None:
   _integer(config, "search.proxy_batch_size", 1, "e.g. 64")
   _number(config, "search.proxy_learning_rate", "e.g. 0.003", open_low=True, high=10)
   _integer(config, "search.chunk_size", 0, "0 scores the whole batch at once")
+  _check_bo_fields(config, batch)
+
+
+def _check_bo_fields(config: Any, batch: int) -> None:
+  surrogate = _choice(config, "search.bo_surrogate", bayesopt.SURROGATES,
+                      "xgboost (the [bo] extra) or ridge (NumPy only)")
+  _number(config, "search.bo_kappa", "the UCB weight of the spread, e.g. 1.0", high=100)
+  _integer(config, "search.bo_pool_size", batch, f"at least config.search.batch_size={batch}")
+  _integer(config, "search.bo_warmup", bayesopt.MIN_POINTS,
+           f"a surrogate needs {bayesopt.MIN_POINTS} scored architectures; e.g. 2 batches")
+  if config.search.controller == "bo":
+    try:
+      bayesopt.require(surrogate)
+    except ImportError as error:
+      why, _, fix = str(error).partition("; ")
+      raise ConfigError("search.bo_surrogate", surrogate, why, fix) from None
+
+
+def _check_controller(config: Any) -> None:
+  """The controller's own settings (after the reward section: bo takes its budgets)."""
+  options = controller_options(config)
   try:
-    controllers.settings(cfg.controller, **controller_sizes(config))
+    controllers.settings(config.search.controller, **options)
   except ValueError as error:
-    raise ConfigError("search", controller_sizes(config), str(error),
-                      "fix those sizes of config.search") from None
+    raise ConfigError("search", options, str(error), "fix those sizes of config.search") from None
 
 
 def _check_reward_section(config: Any) -> reward.RewardSpec:
@@ -275,6 +301,7 @@ def check(config: Any, data_dir: Any) -> None:
   _check_supernet_section(config)
   _check_search_section(config)
   spec = _check_reward_section(config)
+  _check_controller(config)
   _check_final_sections(config)
   cfg = config.data
   try:

@@ -1,5 +1,7 @@
 """Tests of the Arch pytree and the search space (sampling, mutation, JSON, costs)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -133,3 +135,16 @@ def test_params_and_macs_by_hand():
   population = search_space.stack([arch, space.dense()])
   np.testing.assert_array_equal(space.macs(population),
                                 [6712, 1000 + 10 * (2 * 8 * 16) + 192])
+
+
+def test_features_are_one_column_per_gene_or_one_indicator_per_value():
+  space = SearchSpace(max_experts=(4, 2), max_top_k=(2, 1), layers=(MoELayerShape(4, 4, 4),) * 2,
+                      base_params=0, base_macs=0)
+  archs = search_space.stack([Arch(np.array([3, 1]), np.array([2, 1])),
+                              Arch(np.array([1, 2]), np.array([1, 1]))])
+  assert set(space.gene_maxima()) == {field.name for field in dataclasses.fields(Arch)}
+  np.testing.assert_array_equal(search_space.features(space, archs),
+                                [[3 / 4, 1 / 2, 1, 1], [1 / 4, 1, 1 / 2, 1]])
+  # Experts 1..4 and 1..2, then top-k 1..2 and 1..1.
+  np.testing.assert_array_equal(search_space.features(space, archs, one_hot=True),
+                                [[0, 0, 1, 0, 1, 0, 0, 1, 1], [1, 0, 0, 0, 0, 1, 1, 0, 1]])

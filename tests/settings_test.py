@@ -36,7 +36,7 @@ BAD_VALUES = [
     ("supernet.checkpoint_every", 0, "must be an integer >= 1"),
     ("supernet.objective.name", "fair", "is unknown; choose one of erm, group_balanced"),
     ("supernet.objective.dro_step_size", 0.0, r"must be a finite number in \(0, 100\]"),
-    ("search.controller", "bayes", "is unknown; choose one of evolution, random"),
+    ("search.controller", "bayes", "is unknown; choose one of bo, evolution, random"),
     ("search.population_size", 1, "must be an integer >= 2"),
     ("search.tournament_size", 100, r"must be an integer in 1..8; at most config.search."
                                     r"population_size=8"),
@@ -52,6 +52,10 @@ BAD_VALUES = [
     ("search.proxy_batch_size", 0, "must be an integer >= 1"),
     ("search.proxy_learning_rate", 0.0, r"must be a finite number in \(0, 10\]"),
     ("search.chunk_size", -1, "must be an integer >= 0; 0 scores the whole batch"),
+    ("search.bo_surrogate", "gp", "is unknown; choose one of ridge, xgboost"),
+    ("search.bo_kappa", -1.0, r"must be a finite number in \[0, 100\]; the UCB weight"),
+    ("search.bo_pool_size", 2, "must be an integer >= 4; at least config.search.batch_size=4"),
+    ("search.bo_warmup", 1, "must be an integer >= 2; a surrogate needs 2 scored"),
     ("reward.disparity", -1.0, r"must be a finite number in \[0, 1e\+06\]"),
     ("reward.gap", float("nan"), "must be a finite number"),
     ("reward.param_budget", -5, "must be a positive number; or None for no budget"),
@@ -140,6 +144,23 @@ def test_the_smoke_and_default_configs_pass(tmp_path):
   with pytest.raises(settings.ConfigError,
                      match=r"config.data.manual_dir=.*UTKFace needs UTKFace.tar.gz"):
     settings.check(config, tmp_path)
+
+
+def test_bo_is_refused_without_its_extra_and_takes_the_reward_budgets(tmp_path, monkeypatch):
+  config = smoke.get_config()
+  config.search.controller, config.reward.param_budget = "bo", 10**7
+  settings.check(config, tmp_path)
+  bo = settings.controller_options(config)["bo"]
+  assert (bo["param_budget"], bo["mac_budget"]) == (10**7, None)
+  monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost now fails
+  with pytest.raises(settings.ConfigError) as error:
+    settings.check(config, tmp_path)
+  assert str(error.value) == (
+      "config.search.bo_surrogate='xgboost': the xgboost surrogate needs the xgboost-cpu "
+      "package, which is not installed; pip install \"moenas_jax[bo]\", or use the surrogate "
+      "'ridge'")
+  config.search.bo_surrogate = "ridge"
+  settings.check(config, tmp_path)
 
 
 def test_the_launcher_prints_one_line_and_exits_2_resuming_the_workdirs_config(tmp_path):

@@ -79,7 +79,7 @@ def run_controller(config: Any, graphdef: nnx.GraphDef, params: Any, state: Any,
   fine-tuned weight copies (`proxy.ProxyTuner`, key `fold_in(fold_in(key(seed), 2), cycle)`).
   """
   cfg = config.search
-  controller = controllers.make(cfg.controller, space, **settings.controller_sizes(config))
+  controller = controllers.make(cfg.controller, space, **settings.controller_options(config))
   tuner = proxy.ProxyTuner(graphdef, settings.proxy_settings(config),
                            objective(config, "supernet", data)) if cfg.proxy_steps else None
   if evaluator is None:
