@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       objective=dict(name="group_dro", units="group", dro_step_size=0.1)))
 
   config.search = ml_collections.ConfigDict(dict(
-      controller="evolution",  # or "bo", "random" (moenas_jax/controllers.py)
+      controller="evolution",  # or "bo", "optuna", "random" (moenas_jax/controllers.py)
       candidates=96,  # candidates proposed in total (cycles = candidates / batch_size)
       # Regularized evolution: population N, tournament S, P children per cycle (P < N: each
       # cycle the P oldest die; the first N / P cycles fill the population).
@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
       # best, candidates over reward.param_budget / mac_budget dropped first. Random
       # proposals until bo_warmup (>= 2) distinct architectures are scored (2 cycles of 8).
       bo_surrogate="xgboost", bo_kappa=1.0, bo_pool_size=256, bo_warmup=16,
+      # Optuna's multivariate TPE (controller "optuna", moenas_jax/tpe.py; pip install
+      # "moenas_jax[optuna]"): its first optuna_startup_trials trials are random, budgets are
+      # constraints, and over-budget proposals are never scored.
+      optuna_startup_trials=16,
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w

@@ -165,11 +165,7 @@ class BOSettings:
 
   def feasible(self, space: SearchSpace, archs: Arch) -> np.ndarray:
     """[P] bool: within the params and MACs budgets (exact integer counts)."""
-    within = np.ones(np.shape(archs.num_experts)[0], bool)
-    for budget, count in ((self.param_budget, space.params), (self.mac_budget, space.macs)):
-      if budget is not None:
-        within &= count(archs) <= budget
-    return within
+    return search_space.within_budget(space, archs, self.param_budget, self.mac_budget)
 
 
 @functools.partial(jax.jit, static_argnames=("space", "size"))

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from moenas_jax import bayesopt, candidate_log, checkpoint, evolution, search_space
+from moenas_jax import bayesopt, candidate_log, checkpoint, evolution, search_space, tpe
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -136,18 +136,22 @@ def _check_rewards(rewards: Any, batch_size: int) -> None:
     raise ValueError(f"tell() needs {batch_size} finite rewards, got {rewards!r}")
 
 
-CONTROLLERS = {"bo": bayesopt.BayesOpt, "evolution": evolution.Evolution, "random": RandomSearch}
+CONTROLLERS = {"bo": bayesopt.BayesOpt, "evolution": evolution.Evolution,
+               "optuna": tpe.TPESearch, "random": RandomSearch}
 NAMES = tuple(CONTROLLERS)
-Settings = bayesopt.BOSettings | evolution.EvolutionSettings | RandomSettings
+Settings = (bayesopt.BOSettings | evolution.EvolutionSettings | tpe.TPESettings
+            | RandomSettings)
 
 
 def settings(name: str, *, population_size: int, tournament_size: int, batch_size: int,
-             seed: int, bo: dict[str, Any] | None = None) -> Settings:
+             seed: int, bo: dict[str, Any] | None = None,
+             optuna: dict[str, Any] | None = None) -> Settings:
   """The checked settings of controller `name` (one of `NAMES`); builds nothing else, so a
   config can be validated before anything compiles.
 
-  `bo`: the `bayesopt.BOSettings` fields other than batch_size and seed (their defaults when
-  None), e.g. the surrogate and the budgets; only `bo` reads them.
+  `bo`, `optuna`: the `bayesopt.BOSettings` / `tpe.TPESettings` fields other than batch_size
+  and seed (their defaults when None), e.g. the budgets; only that controller reads them.
+  An extra that is not installed raises ImportError (naming the pip command).
   """
   if name == "evolution":
     return evolution.EvolutionSettings(population_size=population_size,
@@ -157,6 +161,8 @@ def settings(name: str, *, population_size: int, tournament_size: int, batch_siz
     return RandomSettings(batch_size=batch_size, seed=seed)
   if name == "bo":
     return bayesopt.BOSettings(batch_size=batch_size, seed=seed, **(bo or {}))
+  if name == "optuna":
+    return tpe.TPESettings(batch_size=batch_size, seed=seed, **(optuna or {}))
   raise ValueError(f"unknown controller {name!r}; use one of {', '.join(NAMES)}")
 
 

@@ -75,6 +75,17 @@ def features(space: SearchSpace, archs: Arch, *, one_hot: bool = False) -> np.nd
   return np.concatenate(columns, axis=1).astype(np.float64)
 
 
+def within_budget(space: SearchSpace, archs: Arch, param_budget: float | None = None,
+                  mac_budget: float | None = None) -> np.ndarray:
+  """[P] bool: the candidates within the params and MACs budgets (None: no budget), from the
+  exact analytic counts (`SearchSpace.params`, `.macs`), before anything is scored."""
+  within = np.ones(np.shape(archs.num_experts)[0], bool)
+  for budget, count in ((param_budget, space.params), (mac_budget, space.macs)):
+    if budget is not None:
+      within &= count(archs) <= budget
+  return within
+
+
 def stack(archs: Sequence[Arch]) -> Arch:
   """P candidates → one population pytree with a leading axis P."""
   if not archs:

@@ -134,15 +134,17 @@ def proxy_settings(config: Any) -> proxy.ProxySettings:
 
 
 def controller_options(config: Any) -> dict[str, Any]:
-  """The keywords of `controllers.settings` / `make`; `bo` carries the reward's hard params
-  and MACs budgets, which the bo controller applies before proposing."""
+  """The keywords of `controllers.settings` / `make`; `bo` and `optuna` carry the reward's
+  hard params and MACs budgets, which those controllers apply before proposing."""
   cfg = config.search
   budgets = {term.metric: term.budget for term in reward_spec(config).budgets}
   bo = dict(surrogate=cfg.bo_surrogate, kappa=cfg.bo_kappa, pool_size=cfg.bo_pool_size,
             warmup=cfg.bo_warmup, param_budget=budgets.get("params"),
             mac_budget=budgets.get("macs"))
+  optuna = dict(startup_trials=cfg.optuna_startup_trials, param_budget=budgets.get("params"),
+                mac_budget=budgets.get("macs"))
   return dict(population_size=cfg.population_size, tournament_size=cfg.tournament_size,
-              batch_size=cfg.batch_size, seed=config.seed, bo=bo)
+              batch_size=cfg.batch_size, seed=config.seed, bo=bo, optuna=optuna)
 
 
 def reward_spec(config: Any) -> reward.RewardSpec:
@@ -226,6 +228,7 @@ def _check_search_section(config: Any) -> None:
   _number(config, "search.proxy_learning_rate", "e.g. 0.003", open_low=True, high=10)
   _integer(config, "search.chunk_size", 0, "0 scores the whole batch at once")
   _check_bo_fields(config, batch)
+  _integer(config, "search.optuna_startup_trials", 1, "e.g. 16 (two batches of 8)")
 
 
 def _check_bo_fields(config: Any, batch: int) -> None:
@@ -248,6 +251,9 @@ def _check_controller(config: Any) -> None:
   options = controller_options(config)
   try:
     controllers.settings(config.search.controller, **options)
+  except ImportError as error:
+    why, _, fix = str(error).partition("; ")
+    raise ConfigError("search.controller", config.search.controller, why, fix) from None
   except ValueError as error:
     raise ConfigError("search", options, str(error), "fix those sizes of config.search") from None
 

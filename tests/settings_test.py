@@ -36,7 +36,7 @@ BAD_VALUES = [
     ("supernet.checkpoint_every", 0, "must be an integer >= 1"),
     ("supernet.objective.name", "fair", "is unknown; choose one of erm, group_balanced"),
     ("supernet.objective.dro_step_size", 0.0, r"must be a finite number in \(0, 100\]"),
-    ("search.controller", "bayes", "is unknown; choose one of bo, evolution, random"),
+    ("search.controller", "bayes", "is unknown; choose one of bo, evolution, optuna, random"),
     ("search.population_size", 1, "must be an integer >= 2"),
     ("search.tournament_size", 100, r"must be an integer in 1..8; at most config.search."
                                     r"population_size=8"),
@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("search.bo_kappa", -1.0, r"must be a finite number in \[0, 100\]; the UCB weight"),
     ("search.bo_pool_size", 2, "must be an integer >= 4; at least config.search.batch_size=4"),
     ("search.bo_warmup", 1, "must be an integer >= 2; a surrogate needs 2 scored"),
+    ("search.optuna_startup_trials", 0, "must be an integer >= 1; e.g. 16"),
     ("reward.disparity", -1.0, r"must be a finite number in \[0, 1e\+06\]"),
     ("reward.gap", float("nan"), "must be a finite number"),
     ("reward.param_budget", -5, "must be a positive number; or None for no budget"),
@@ -161,6 +162,21 @@ def test_bo_is_refused_without_its_extra_and_takes_the_reward_budgets(tmp_path, 
       "'ridge'")
   config.search.bo_surrogate = "ridge"
   settings.check(config, tmp_path)
+
+
+def test_optuna_is_refused_without_its_extra_and_takes_the_reward_budgets(tmp_path,
+                                                                          monkeypatch):
+  config = smoke.get_config()
+  config.search.controller, config.reward.mac_budget = "optuna", 10**8
+  settings.check(config, tmp_path)
+  optuna = settings.controller_options(config)["optuna"]
+  assert (optuna["param_budget"], optuna["mac_budget"]) == (None, 10**8)
+  monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now fails
+  with pytest.raises(settings.ConfigError) as error:
+    settings.check(config, tmp_path)
+  assert str(error.value) == (
+      "config.search.controller='optuna': the optuna controller needs the optuna package, "
+      "which is not installed; pip install \"moenas_jax[optuna]\"")
 
 
 def test_the_launcher_prints_one_line_and_exits_2_resuming_the_workdirs_config(tmp_path):
