@@ -7,41 +7,21 @@ import jax
 import numpy as np
 import pytest
 
-from moenas_jax import bayesopt, candidate_log, controllers, search_space
+from moenas_jax import bayesopt, controllers, search_space
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
+from synthetic_search import BEST, SPACE, run
+from synthetic_search import cycles as _cycles
+from synthetic_search import keys as _keys
+from synthetic_search import reward as _reward
 
-# 15 settings per layer (1 expert, or 2..8 experts at top-1 or top-2): 15^4 = 50625 archs.
-SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
-                    layers=(MoELayerShape(8, 16, 10),) * 4, base_params=0, base_macs=0)
 # 16 architectures: 1..4 experts in 2 layers, top-1.
 SMALL = SearchSpace(max_experts=(4, 4), max_top_k=(1, 1), layers=(MoELayerShape(4, 4, 4),) * 2,
                     base_params=0, base_macs=0)
-BEST = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
-
-
-def _reward(archs):
-  """0 at BEST, minus the L1 distance to it elsewhere; [P] for a population."""
-  return -(np.abs(np.asarray(archs.num_experts) - BEST.num_experts).sum(-1)
-           + np.abs(np.asarray(archs.top_k) - BEST.top_k).sum(-1)).astype(np.float64)
 
 
 def _bo(space=SPACE, batch=4, seed=0, **options):
   return controllers.make("bo", space, population_size=8, tournament_size=2, batch_size=batch,
                           seed=seed, bo=options)
-
-
-def _keys(archs):
-  return [arch.key() for arch in search_space.unstack(archs)]
-
-
-def _cycles(controller, cycles, reward=_reward):
-  """Asks and tells `cycles` batches; returns the proposals' keys per batch."""
-  batches = []
-  for _ in range(cycles):
-    archs = controller.ask()
-    batches.append(_keys(archs))
-    controller.tell(archs, reward(archs))
-  return batches
 
 
 def test_make_builds_bo_with_the_default_surrogate():
@@ -86,7 +66,7 @@ def test_a_surrogate_refuses_fewer_points_than_it_needs(name):
 def test_warm_up_proposes_random_samples_whatever_the_rewards():
   # warmup 8, P = 4: cycles 0 and 1 do not depend on the rewards told; cycle 2 fits on them.
   told = [_cycles(_bo(surrogate="ridge", warmup=8), 3,
-                  reward=lambda archs, sign=sign: sign * _reward(archs)) for sign in (1, -1)]
+                  reward_of=lambda archs, sign=sign: sign * _reward(archs)) for sign in (1, -1)]
   assert told[0][:2] == told[1][:2]
   assert len({key for batch in told[0][:2] for key in batch}) == 8
   assert told[0][2] != told[1][2]
@@ -107,7 +87,7 @@ def test_proposals_are_distinct_unscored_and_within_budget():
 
 def test_scored_architectures_then_the_dense_model_fill_an_exhausted_pool():
   controller = _bo(SMALL, surrogate="ridge")
-  batches = _cycles(controller, 5, reward=lambda archs: np.sum(archs.num_experts, -1) * 1.0)
+  batches = _cycles(controller, 5, reward_of=lambda archs: np.sum(archs.num_experts, -1) * 1.0)
   assert len({key for batch in batches[:4] for key in batch}) == 16  # the whole space
   assert len(set(batches[4])) == 4  # 4 scored ones again (the loop's cache scores them)
   # Only the dense model is within the params budget: it fills the batch.
@@ -144,26 +124,14 @@ def test_proposals_follow_from_the_seed_and_resume_from_the_state(name):
     rebuilt.tell(rebuilt.ask(), [0.0, 1.0, np.nan, 2.0])
 
 
-def _score(fail_at=None):
-  def score(archs, todo, cycle):
-    if cycle == fail_at:
-      raise KeyboardInterrupt(f"killed at cycle {cycle}")
-    rewards = _reward(archs)
-    return [{"metrics": dict.fromkeys(candidate_log.METRIC_KEYS, 0.0),
-             "reward": float(rewards[i])} for i in todo]
-  return score
-
-
 def test_a_killed_bo_search_resumes_to_the_same_records(tmp_path):
-  def run(workdir, **score):
-    return controllers.run(_bo(surrogate="ridge", warmup=8), SPACE, _score(**score), cycles=5,
-                           checkpoint_dir=workdir / "checkpoints",
-                           log_path=workdir / "candidates.jsonl")
+  def make():
+    return _bo(surrogate="ridge", warmup=8)
 
-  straight = run(tmp_path / "a")
+  straight = run(make, tmp_path / "a")
   with pytest.raises(KeyboardInterrupt):
-    run(tmp_path / "b", fail_at=3)
-  assert run(tmp_path / "b") == straight
+    run(make, tmp_path / "b", fail_at=3)
+  assert run(make, tmp_path / "b") == straight
   assert len({json.dumps(r["arch"]) for r in straight}) == 20
 
 

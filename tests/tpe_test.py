@@ -6,37 +6,17 @@ import sys
 import numpy as np
 import pytest
 
-from moenas_jax import candidate_log, controllers, search_space, tpe
-from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
-
-# 15 settings per layer (1 expert, or 2..8 experts at top-1 or top-2): 15^4 = 50625 archs.
-SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
-                    layers=(MoELayerShape(8, 16, 10),) * 4, base_params=0, base_macs=0)
-BEST = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
-
-
-def _reward(archs):
-  """0 at BEST, minus the L1 distance to it elsewhere; [P] for a population."""
-  return -(np.abs(np.asarray(archs.num_experts) - BEST.num_experts).sum(-1)
-           + np.abs(np.asarray(archs.top_k) - BEST.top_k).sum(-1)).astype(np.float64)
+from moenas_jax import controllers, search_space, tpe
+from moenas_jax.search_space import Arch
+from synthetic_search import SPACE, run
+from synthetic_search import cycles as _cycles
+from synthetic_search import keys as _keys
+from synthetic_search import reward as _reward
 
 
 def _tpe(batch=4, seed=0, **options):
   return controllers.make("optuna", SPACE, population_size=8, tournament_size=2,
                           batch_size=batch, seed=seed, optuna=options)
-
-
-def _keys(archs):
-  return [arch.key() for arch in search_space.unstack(archs)]
-
-
-def _cycles(controller, cycles):
-  batches = []
-  for _ in range(cycles):
-    archs = controller.ask()
-    batches.append(_keys(archs))
-    controller.tell(archs, _reward(archs))
-  return batches
 
 
 def test_genes_map_to_valid_architectures_with_top_k_clipped_to_the_experts():
@@ -106,26 +86,15 @@ def test_proposals_follow_from_the_seed_and_resume_from_the_state():
     rebuilt.tell(search_space.stack([SPACE.dense()] * 4), np.zeros(4))
 
 
-def _score(fail_at=None):
-  def score(archs, todo, cycle):
-    if cycle == fail_at:
-      raise KeyboardInterrupt(f"killed at cycle {cycle}")
-    rewards = _reward(archs)
-    return [{"metrics": dict.fromkeys(candidate_log.METRIC_KEYS, 0.0),
-             "reward": float(rewards[i])} for i in todo]
-  return score
-
-
 def test_a_killed_tpe_search_resumes_to_the_same_records(tmp_path):
-  def run(workdir, **score):
-    return controllers.run(_tpe(startup_trials=8), SPACE, _score(**score), cycles=5,
-                           checkpoint_dir=workdir / "checkpoints",
-                           log_path=workdir / "candidates.jsonl")
+  def make():
+    return _tpe(startup_trials=8)
 
-  straight = run(tmp_path / "a")
+  straight = run(make, tmp_path / "a")
   with pytest.raises(KeyboardInterrupt):
-    run(tmp_path / "b", fail_at=3)
-  assert run(tmp_path / "b") == straight
+    run(make, tmp_path / "b", fail_at=3)
+  assert run(make, tmp_path / "b") == straight
+  assert len({json.dumps(r["arch"]) for r in straight}) == 20
 
 
 def test_a_missing_optuna_names_the_pip_command(monkeypatch):

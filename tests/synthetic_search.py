@@ -1,0 +1,50 @@
+"""A synthetic search problem for controller tests: a space without a model, a reward with
+one known optimum, and the search loop run straight or killed and resumed."""
+
+import numpy as np
+
+from moenas_jax import candidate_log, controllers, search_space
+from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
+
+# 15 settings per layer (1 expert, or 2..8 experts at top-1 or top-2): 15^4 = 50625 archs.
+SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
+                    layers=(MoELayerShape(8, 16, 10),) * 4, base_params=0, base_macs=0)
+BEST = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
+
+
+def reward(archs):
+  """0 at BEST, minus the L1 distance to it elsewhere; [P] for a population."""
+  return -(np.abs(np.asarray(archs.num_experts) - BEST.num_experts).sum(-1)
+           + np.abs(np.asarray(archs.top_k) - BEST.top_k).sum(-1)).astype(np.float64)
+
+
+def keys(archs):
+  return [arch.key() for arch in search_space.unstack(archs)]
+
+
+def cycles(controller, count, reward_of=reward):
+  """Asks and tells `count` batches; returns the proposals' keys per batch."""
+  batches = []
+  for _ in range(count):
+    archs = controller.ask()
+    batches.append(keys(archs))
+    controller.tell(archs, reward_of(archs))
+  return batches
+
+
+def _score(fail_at=None):
+  def score(archs, todo, cycle):
+    if cycle == fail_at:
+      raise KeyboardInterrupt(f"killed at cycle {cycle}")
+    rewards = reward(archs)
+    return [{"metrics": dict.fromkeys(candidate_log.METRIC_KEYS, 0.0),
+             "reward": float(rewards[i])} for i in todo]
+  return score
+
+
+def run(make, workdir, cycles=5, fail_at=None):
+  """The candidate records of `controllers.run` on `make()` (a fresh controller) in
+  `workdir`; with `fail_at`, the run is killed when that cycle is scored."""
+  return controllers.run(make(), SPACE, _score(fail_at), cycles=cycles,
+                         checkpoint_dir=workdir / "checkpoints",
+                         log_path=workdir / "candidates.jsonl")
