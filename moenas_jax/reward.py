@@ -468,3 +468,26 @@ class ParetoArchive:
     for entry in state["front"]:
       archive.add(entry)
     return archive
+
+
+def hypervolume(points: Any, reference: Any) -> float:
+  """The volume dominated by `points` [n, 3] (every objective minimised) up to `reference`
+  [3], exactly: slices along the first objective, each the 2D staircase of the points at or
+  below it. Points not below the reference in every objective add nothing."""
+  points, reference = np.asarray(points, np.float64), np.asarray(reference, np.float64)
+  if points.ndim != 2 or points.shape[1:] != (3,) or reference.shape != (3,):
+    raise ValueError(f"hypervolume takes points [n, 3] and a reference [3], got "
+                     f"{points.shape} and {reference.shape}")
+  points = points[(points < reference).all(1)]
+  points = points[np.argsort(points[:, 0], kind="stable")]
+  volume = 0.0
+  for i in range(len(points)):
+    right = points[i + 1, 0] if i + 1 < len(points) else reference[0]
+    below = points[:i + 1, 1:][np.argsort(points[:i + 1, 1], kind="stable")]
+    area, lowest = 0.0, reference[2]
+    for j, (y, z) in enumerate(below):
+      lowest = min(lowest, z)
+      area += ((below[j + 1, 0] if j + 1 < len(below) else reference[1]) - y) * (
+          reference[2] - lowest)
+    volume += (right - points[i, 0]) * area
+  return float(volume)

@@ -288,3 +288,22 @@ def test_pareto_archive_entries_and_objectives():
     reward.ParetoArchive([("accuracy", "max")])
   with pytest.raises(ValueError, match=r"lists \['accuracy'\] more than once"):
     reward.RewardSpec((reward.Term("accuracy", 1.0), reward.Term("accuracy", 2.0)))
+
+
+def test_hypervolume_by_hand():
+  one = [[0.5, 0.5, 0.5]]
+  assert reward.hypervolume(one, [1, 1, 1]) == pytest.approx(0.125)
+  # Two boxes of 0.25 that share the cube [0.5, 1]^3 of 0.125.
+  two = [[0.0, 0.5, 0.5], [0.5, 0.0, 0.5]]
+  assert reward.hypervolume(two, [1, 1, 1]) == pytest.approx(0.375)
+  # A dominated point, a point beyond the reference and a repeat add nothing; order is free.
+  more = [[0.5, 0.0, 0.5], [0.7, 0.7, 0.7], [1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+  assert reward.hypervolume(two + more, [1, 1, 1]) == pytest.approx(0.375)
+  assert reward.hypervolume(np.zeros((0, 3)), [1, 1, 1]) == 0.0
+  # Against a Monte Carlo estimate on random points.
+  rng = np.random.default_rng(0)
+  points, samples = rng.uniform(0, 1, (6, 3)), rng.uniform(0, 1, (200_000, 3))
+  dominated = (samples[:, None, :] >= points[None]).all(-1).any(-1).mean()
+  assert reward.hypervolume(points, [1, 1, 1]) == pytest.approx(dominated, abs=0.005)
+  with pytest.raises(ValueError, match=r"points \[n, 3\]"):
+    reward.hypervolume([[0.5, 0.5]], [1, 1, 1])
