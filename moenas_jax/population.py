@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import metrics, models
+from moenas_jax import hosts, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -246,4 +246,4 @@ class PopulationEvaluator:
           held["group_accuracy"], summary["group_accuracy"])
       summary["pooled_generalization_gap"] = metrics.pooled_generalization_gap(
           held["accuracy"], summary["accuracy"])
-    return {name: np.asarray(values)[:size] for name, values in summary.items()}
+    return {name: values[:size] for name, values in hosts.to_host(summary).items()}
