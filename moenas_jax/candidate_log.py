@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moenas_jax import hosts
 from moenas_jax import metrics as metrics_lib
 
 if TYPE_CHECKING:
@@ -30,26 +31,32 @@ class CandidateLog:
   Each `append` writes whole lines, then flushes and fsyncs. Opening drops a torn last line
   (a write cut by a kill); with `expected`, the number of candidates the restored controller
   state knows, later lines (scored after that checkpoint, to be scored again) are cut off too.
+  `records` holds the log's records as `read` gives them. In a multi-process run only process
+  0 writes (`hosts.is_writer`); the others read the file when opening it and then keep their
+  records in memory.
   """
 
   def __init__(self, path: str | os.PathLike, *, expected: int | None = None):
     if expected is not None and expected < 0:
       raise ValueError(f"expected must be a count of candidates (>= 0), got {expected}")
     self.path = Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.path.touch()
-    records, ends = _scan(self.path)
+    self._file = None
+    if hosts.is_writer():
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.path.touch()
+    records, ends = _scan(self.path) if self.path.exists() else ([], [])
     if expected is not None and expected > len(records):
       raise ValueError(
           f"{self.path} holds {len(records)} candidates but the restored search state knows "
           f"{expected}: the log was edited or lost. Restore the file, or start the search "
           "again in a new workdir.")
-    self.count = len(records) if expected is None else expected
-    end = ends[self.count - 1] if self.count else 0
-    if end != self.path.stat().st_size:
-      os.truncate(self.path, end)
-    self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for appends; see close())
-    os.fsync(self._file.fileno())
+    self.records = records[:expected]
+    if hosts.is_writer():
+      end = ends[len(self.records) - 1] if self.records else 0
+      if end != self.path.stat().st_size:
+        os.truncate(self.path, end)
+      self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for appends; see close())
+      os.fsync(self._file.fileno())
 
   def append(self, records: Iterable[Mapping[str, Any]]) -> None:
     """Appends scored candidates (see `RECORD_KEYS`, `METRIC_KEYS`) and makes them durable."""
@@ -57,16 +64,18 @@ class CandidateLog:
     for record in records:
       _check_record(record)
       lines.append(json.dumps(metrics_lib.to_python(record), allow_nan=False) + "\n")
-    self._file.write("".join(lines).encode())
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self.count += len(lines)
+    if self._file is not None:
+      self._file.write("".join(lines).encode())
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    self.records += [json.loads(line) for line in lines]
 
   def __len__(self) -> int:
-    return self.count
+    return len(self.records)
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def __enter__(self) -> Self:
     return self

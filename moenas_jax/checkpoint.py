@@ -3,7 +3,8 @@
 - `Checkpointer`: numbered checkpoints of one pipeline stage (a pytree of arrays and a JSON dict
   saved together) on an orbax `CheckpointManager`.
 - `write_atomic`, `write_json_atomic`, `read_json`: files that are either the old or the new
-  version after a kill -9, never a mix (write a temporary file, fsync, rename).
+  version after a kill -9, never a mix (write a temporary file, fsync, rename); written by
+  process 0 alone.
 - `check_config`: refuses to resume a workdir made with a different config.
 """
 
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import orbax.checkpoint as ocp
 from absl import logging
+
+from moenas_jax import hosts
 
 if TYPE_CHECKING:
   from typing import Self  # Python >= 3.11; annotations are not evaluated at run time
@@ -36,12 +39,16 @@ class Checkpointer:
   `commit_success.txt` and renames it to `k/`, so after a kill -9 the directory holds the
   previous complete steps and at most an unfinished one, which is deleted when the stage is
   opened again (a temporary directory, or a step directory without the commit marker, as a
-  copy or a non-atomic file system can leave). One process per directory at a time.
+  copy or a non-atomic file system can leave). One run per directory at a time; in a
+  multi-process run every process opens it and calls `save` and `restore` (orbax
+  coordinates them; process 0 deletes unfinished steps, the others wait for it).
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2):
     self.directory = Path(directory).absolute()
-    _remove_unfinished_steps(self.directory)
+    if hosts.is_writer():
+      _remove_unfinished_steps(self.directory)
+    hosts.barrier(f"checkpoint {self.directory}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False,
         cleanup_tmp_directories=True, create=True)
@@ -132,7 +139,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
 
   A temporary file in the same directory is written and fsynced, then renamed over `path`
   (`os.replace` is atomic on POSIX); the directory is fsynced so the rename survives too.
+  In a multi-process run only process 0 writes (`hosts.is_writer`); the others return.
   """
+  if not hosts.is_writer():
+    return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   data = data.encode() if isinstance(data, str) else data
@@ -186,10 +196,10 @@ def check_config(workdir: str | os.PathLike, config: Mapping[str, Any], *,
                  ignore: Collection[str] = IGNORED_CONFIG_KEYS) -> list[str]:
   """Refuses a workdir made with another config; returns the differing keys.
 
-  The first call writes `workdir/config.json`. Later calls compare `config` (a nested dict,
-  e.g. `ConfigDict.to_dict()`) with it, key by dotted key, skipping `ignore` (a dotted key
-  skips its whole subtree). A difference raises ValueError listing the keys, unless
-  `override`, which rewrites config.json with `config` and goes on.
+  The first call writes `workdir/config.json` (process 0 only: `write_atomic`). Later calls
+  compare `config` (a nested dict, e.g. `ConfigDict.to_dict()`) with it, key by dotted key,
+  skipping `ignore` (a dotted key skips its whole subtree). A difference raises ValueError
+  listing the keys, unless `override`, which rewrites config.json with `config` and goes on.
   """
   path = Path(workdir) / "config.json"
   # Tuples become lists, as in the stored file; values JSON lacks are compared as text.

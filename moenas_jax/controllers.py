@@ -236,7 +236,7 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
         log(f"[search] resumed at cycle {cycle}/{cycles}"
             f"{' with its proposals pending' if pending else ''}")
     with candidate_log.CandidateLog(log_path, expected=logged) as log_file:
-      cache = ScoreCache(candidate_log.read(log_path))
+      cache = ScoreCache(log_file.records)
       while cycle < cycles:
         archs = pending
         if archs is None:  # a fresh proposal: saved before it is scored
@@ -256,4 +256,4 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
                                            "logged": logged, "pending": None})
         if progress is not None:
           progress(cycle, f"{logged} scored, best reward {cache.best():.4f}")
-  return candidate_log.read(log_path)
+  return log_file.records

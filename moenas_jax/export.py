@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moenas_jax import checkpoint, models, search_space
+from moenas_jax import checkpoint, hosts, models, search_space
 from moenas_jax.models.mobilevit import MobileViTV2
 from moenas_jax.search_space import Arch
 
@@ -86,7 +85,11 @@ class Exported:
 
 def save(directory: str | os.PathLike, model: nnx.Module, *, model_name: str,
          arch: Arch | None, class_names: Sequence[str], group_names: Sequence[str]) -> Path:
-  """Writes `directory/weights/` (orbax) and `directory/metadata.json`; replaces atomically."""
+  """Writes `directory/weights/` (orbax) and `directory/metadata.json`; replaces atomically.
+
+  Every process of a multi-process run calls it (orbax saves the weights together); process 0
+  writes the metadata and moves the staged folder into place.
+  """
   if model_name not in models.MODELS:
     raise ValueError(f"unknown model {model_name!r}; valid names: {sorted(models.MODELS)}")
   directory = Path(directory).absolute()
@@ -95,17 +98,22 @@ def save(directory: str | os.PathLike, model: nnx.Module, *, model_name: str,
               "class_names": list(class_names), "group_names": list(group_names),
               "input_shape": list(model.input_shape), "preprocessing": PREPROCESSING}
   metadata = json.loads(json.dumps(metadata))
-  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  staging = directory.with_name(f".{directory.name}.staging")  # one name for every process
+  if hosts.is_writer():
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+  hosts.barrier(f"export {staging}")
   with checkpoint.Checkpointer(staging / "weights") as weights:
     _, params, state = models.split(model)
     weights.save(0, {"params": params, "state": state}, {"model": model_name})
   checkpoint.write_json_atomic(staging / "metadata.json", metadata)
-  old = directory.with_name(f".{directory.name}.old")
-  if directory.exists():
+  if hosts.is_writer():
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(directory, old)
+    os.replace(staging, directory)
     shutil.rmtree(old, ignore_errors=True)
-    os.replace(directory, old)
-  os.replace(staging, directory)
-  shutil.rmtree(old, ignore_errors=True)
+  hosts.barrier(f"exported {directory}")
   return directory
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from moenas_jax import hosts
 from moenas_jax.checkpoint import Checkpointer
 from moenas_jax.progress import Progress
 
@@ -127,7 +128,7 @@ def fit(step: Callable[[Any, Any, int], tuple[Any, dict[str, Any]]], carry: Any,
       save = checkpointer is not None and (t % every == 0 or t == total_steps)
       show = log_every and t % log_every == 0 and not epoch_done
       if epoch_done or save or show:
-        host = jax.device_get(pending)
+        host = hosts.to_host(pending)
         for i, entry in enumerate(host):
           if check is not None:
             check(entry, t - len(host) + i)  # the step index, as in its key

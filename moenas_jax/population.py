@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import loss, metrics, models
+from moenas_jax import hosts, loss, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -267,7 +267,7 @@ class PopulationEvaluator:
         totals[i], batch_predictions = self._counts(params, state, archs, batch, np.int32(kind),
                                                     np.float32(severity), totals[i], num_chunks)
         if with_predictions and i == 0:
-          predictions.append(np.asarray(batch_predictions)[:size, batch["mask"]])
+          predictions.append(hosts.to_host(batch_predictions)[:size, batch["mask"]])
     return totals, (np.concatenate(predictions, 1) if with_predictions else None)
 
   def counts(self, params: Any, state: Any, population: Arch | None,
@@ -334,7 +334,7 @@ class PopulationEvaluator:
     if self.pgd_steps:
       summary["adversarial_accuracy"] = self._summarize(self.adversarial_counts(
           params, state, population, eval_examples, attack_key))["accuracy"]
-    result = {name: np.asarray(values)[:size] for name, values in summary.items()}
+    result = {name: values[:size] for name, values in hosts.to_host(summary).items()}
     if with_predictions:
       result["predictions"] = predictions
     return result

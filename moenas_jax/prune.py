@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moenas_jax import models, moe
+from moenas_jax import hosts, models, moe
 from moenas_jax.data import pipeline
 from moenas_jax.search_space import Arch
 
@@ -58,7 +58,8 @@ def expert_usage(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State, ar
   for batch in pipeline.eval_batches(examples, batch_size):
     totals = usage_counts(_Same(graphdef), params, state, arch, batch["image"], batch["mask"],
                          totals)
-  return [np.asarray(total, np.float64) / max(int(total.sum()), 1) for total in totals]
+  return [np.asarray(total, np.float64) / max(int(total.sum()), 1)
+          for total in hosts.to_host(totals)]
 
 
 class _Same:

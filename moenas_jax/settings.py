@@ -188,11 +188,7 @@ def _check_model_section(config: Any) -> None:
 
 def _check_supernet_section(config: Any) -> None:
   _integer(config, "supernet.steps", 1, "e.g. 400")
-  size = _integer(config, "supernet.batch_size", 1, "e.g. 64")
-  devices = jax.device_count()
-  if size % devices:
-    raise ConfigError("supernet.batch_size", size, f"must be a multiple of the {devices} "
-                      f"devices (data parallel)", f"use {devices * max(1, size // devices)}")
+  _data_parallel("supernet.batch_size", _integer(config, "supernet.batch_size", 1, "e.g. 64"))
   _integer(config, "supernet.archs_per_step", 2, "the sandwich rule trains the largest and "
            "the smallest candidate: 2 or more")
   _number(config, "supernet.learning_rate", "e.g. 3e-3", open_low=True, high=10)
@@ -200,6 +196,14 @@ def _check_supernet_section(config: Any) -> None:
   _integer(config, "supernet.warmup_steps", 0, "e.g. 50, or 0 for none")
   _integer(config, "supernet.checkpoint_every", 1, "e.g. 100 steps")
   objective_settings(config, "supernet")
+
+
+def _data_parallel(field: str, size: int) -> None:
+  """A batch split over every device (of every process) must fill them evenly."""
+  devices = jax.device_count()
+  if size % devices:
+    raise ConfigError(field, size, f"must be a multiple of the {devices} devices (data "
+                      f"parallel)", f"use {devices * max(1, size // devices)}")
 
 
 def _check_search_section(config: Any) -> None:
@@ -273,7 +277,7 @@ def _check_final_sections(config: Any) -> None:
   _number(config, "prune.min_fraction", "an expert is pruned below this share of its "
           "layer's tokens; e.g. 0.05", high=1, open_high=True)
   _integer(config, "train.epochs", 1, "e.g. 3")
-  _integer(config, "train.batch_size", 1, "e.g. 64")
+  _data_parallel("train.batch_size", _integer(config, "train.batch_size", 1, "e.g. 64"))
   _number(config, "train.learning_rate", "e.g. 1e-3", open_low=True, high=10)
   _number(config, "train.weight_decay", "e.g. 0.05, or 0 for none", high=10)
   _number(config, "train.warmup_fraction", "a share of all steps, e.g. 0.05", high=1)

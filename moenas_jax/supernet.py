@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import loss, objectives
+from moenas_jax import hosts, loss, objectives
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -132,7 +132,7 @@ class SupernetTrainer:
     """The batch split over every device of the mesh (unchanged without a mesh)."""
     if self.mesh is None:
       return batch
-    return jax.device_put(batch, NamedSharding(self.mesh, PS(self.mesh.axis_names)))
+    return hosts.put(batch, NamedSharding(self.mesh, PS(self.mesh.axis_names)))
 
   def step(self, params: Any, state: Any, opt_state: Any, batch: dict[str, np.ndarray],
            key: jax.Array) -> tuple[Any, Any, Any, dict[str, jax.Array]]:

@@ -6,7 +6,8 @@ objective's state (group DRO's weights) travels with the optimizer state. AdamW 
 warmup and cosine decay (`supernet.make_optimizer`), the schedule's length measured in steps
 from the data: epochs × (examples // batch_size). Batches come from `pipeline.train_batches`
 (order a function of (seed, epoch)); the gate noise key of step t is
-`fold_in(jax.random.key(seed), t)`. One compiled step per `Trainer`.
+`fold_in(jax.random.key(seed), t)`. One compiled step per `Trainer`, data parallel over every
+device: weights replicated, each batch split over the devices.
 
 Resumable (`loop.fit`, the one training loop): with a `Checkpointer`, (params, state,
 opt_state) are saved at the end of every epoch (step number = steps done, meta = {"step",
@@ -29,8 +30,10 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import loop, loss, models, objectives, supernet
+from moenas_jax import hosts, loop, loss, models, objectives, population, supernet
 from moenas_jax.checkpoint import Checkpointer
 from moenas_jax.data import pipeline
 
@@ -94,6 +97,10 @@ class Trainer:
                          params, opt_state, batch)
 
     self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    # Data parallel over every device (of every process): weights replicated, batches split.
+    mesh = population.make_mesh(data_parallel=jax.device_count())
+    self._replicated = NamedSharding(mesh, PS())
+    self._split = NamedSharding(mesh, PS(mesh.axis_names))
     # One program, not one per parameter shape: (optimizer state, objective state).
     self._init = jax.jit(lambda params: (self.optimizer.init(params), self.objective.init()))
 
@@ -112,17 +119,16 @@ class Trainer:
       raise ValueError(f"this Trainer's schedule was made for {self.num_examples} examples, "
                        f"got {size}; make a Trainer for this training set")
     # The step donates its inputs: train on copies (device-to-device, nothing compiles), so
-    # the caller's arrays stay valid. They are committed to the default device, as restored
-    # ones are, so both share one compile.
-    device = jax.devices()[0]
-    params, state = jax.device_put((params, state), device, may_alias=False)
-    opt_state = jax.device_put(self._init(params), device)  # jit outputs are uncommitted
+    # the caller's arrays stay valid. They are replicated over the mesh, as restored ones are,
+    # so both share one compile.
+    params, state = jax.device_put((params, state), self._replicated, may_alias=False)
+    opt_state = jax.device_put(self._init(params), self._replicated)
     run = {"settings": dataclasses.asdict(self.settings), "seed": seed, "num_examples": size,
            "objective": dataclasses.asdict(self.objective.settings)}
     key = jax.random.key(seed)
 
     def step(carry, batch, t):
-      *carry, logs = self._step(*carry, batch, key, np.int32(t))
+      *carry, logs = self._step(*carry, hosts.put(batch, self._split), key, np.int32(t))
       return tuple(carry), logs
 
     fitted = loop.fit(

@@ -66,9 +66,9 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
 
 # search_test makes the smoke search while the other worker runs proxy_test; notebook_test,
 # which reads it, comes next.
-_SLOWEST_FIRST = ("search_test.py", "proxy_test.py", "notebook_test.py", "models_test.py",
-                  "population_test.py", "supernet_test.py", "moe_test.py", "finetune_test.py",
-                  "export_test.py", "routing_test.py")
+_SLOWEST_FIRST = ("search_test.py", "proxy_test.py", "notebook_test.py", "multihost_test.py",
+                  "models_test.py", "population_test.py", "supernet_test.py", "moe_test.py",
+                  "finetune_test.py", "export_test.py", "routing_test.py")
 
 
 def pytest_collection_modifyitems(items):

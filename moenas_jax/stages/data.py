@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moenas_jax import objectives, settings
+from moenas_jax import hosts, objectives, settings
 from moenas_jax.data import open_dataset, pipeline
 
 
@@ -37,10 +37,11 @@ def data_dir(config: Any, workdir: Path) -> Path:
 
 
 def load_data(config: Any, workdir: Path) -> Data:
-  """Prepares (once) and reads the dataset named by `config.data`."""
+  """Prepares (once, on process 0) and reads the dataset named by `config.data`."""
   cfg = config.data
-  dataset = open_dataset(cfg.name, data_dir(config, workdir), manual_dir=cfg.manual_dir or None,
-                         **dict(cfg.options))
+  dataset = hosts.writer_first("dataset", lambda: open_dataset(
+      cfg.name, data_dir(config, workdir), manual_dir=cfg.manual_dir or None,
+      **dict(cfg.options)))
   classes, groups = len(dataset.class_names), len(dataset.group_names)
   missing = {"train", cfg.search_split, cfg.test_split} - set(dataset.splits)
   if missing:
