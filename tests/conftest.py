@@ -12,7 +12,8 @@ order of `_SLOWEST_FIRST`, so that the longest work starts first. The finished s
 is made once per session, in a folder the main process makes (`smoke_workdir`: the first
 worker to need it runs it under a file lock, the others wait and read it; a worker killed
 half way leaves a workdir the next one resumes), so the suite runs the smoke search from an
-empty workdir once, plus the killed-and-resumed run of tests/search_test.py.
+empty workdir once, and tests/multihost_test.py its reduced multi-process and
+killed-and-resumed runs.
 """
 
 import atexit
@@ -64,9 +65,9 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
           "group": rng.integers(0, 2, size).astype(np.int32)}
 
 
-# search_test makes the smoke search while the other worker runs proxy_test; notebook_test,
-# which reads it, comes next.
-_SLOWEST_FIRST = ("search_test.py", "proxy_test.py", "notebook_test.py", "multihost_test.py",
+# search_test makes the smoke search while the other worker runs multihost_test (its own
+# processes); notebook_test, which reads the smoke search, and proxy_test come next.
+_SLOWEST_FIRST = ("search_test.py", "multihost_test.py", "notebook_test.py", "proxy_test.py",
                   "models_test.py", "population_test.py", "supernet_test.py", "moe_test.py",
                   "finetune_test.py", "export_test.py", "routing_test.py")
 

@@ -1,17 +1,12 @@
-"""End to end: the smoke search, killed with SIGKILL twice and resumed, equals an uninterrupted run.
+"""End to end: the shared smoke search (tests/conftest.py) follows the documented schema, its
+export predicts as evaluated, baselines join it later, and bad workdirs are refused.
 
-The interrupted runs are subprocesses; they inherit the session's persistent XLA cache
-(tests/conftest.py), so they compile nothing the uninterrupted in-process run compiled.
+Killed-and-resumed runs end to end: tests/multihost_test.py (a killed and resumed one-process
+run equals an uninterrupted two-process one).
 """
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,81 +16,6 @@ from configs import smoke
 from moenas_jax import candidate_log, costs, export, models, search, settings
 from moenas_jax.stages import data as data_stage
 from moenas_jax.data import fashion_tones
-
-ROOT = Path(__file__).resolve().parents[1]
-
-_RUN = """
-import sys
-from configs import smoke
-from moenas_jax import search
-search.run_search(smoke.get_config(), sys.argv[1], log=lambda line: print(line, flush=True))
-"""
-
-
-def _start(workdir):
-  return subprocess.Popen([sys.executable, "-c", _RUN, str(workdir)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(process):
-  output, _ = process.communicate(timeout=900)
-  assert process.returncode == 0, output[-4000:]
-  return output
-
-
-def _kill_when(process, ready, timeout=600):
-  """SIGKILLs the process as soon as `ready()` holds (the process must still be running)."""
-  deadline = time.monotonic() + timeout
-  while not ready():
-    assert process.poll() is None, process.communicate()[0][-4000:]
-    assert time.monotonic() < deadline, "the run never reached the kill point"
-    time.sleep(0.05)
-  os.kill(process.pid, signal.SIGKILL)
-  process.wait()
-
-
-def _comparable(workdir):
-  summary = json.loads((workdir / "results" / "summary.json").read_text())
-  del summary["timing"], summary["compilations"]
-  return summary, candidate_log.read(workdir / "results" / "candidates.jsonl")
-
-
-@pytest.fixture(scope="module")
-def runs(smoke_workdir, tmp_path_factory):
-  """(killed-and-resumed workdir, uninterrupted workdir, resumed run's output).
-
-  The suite's one run from an empty workdir is the shared smoke search; this one starts from a
-  copy of it cut back to its trained supernet (a supernet stopped mid-training resumes bit for
-  bit: tests/loop_test.py, tests/supernet_test.py), is killed once mid-search and once after
-  the found model's training, and is resumed.
-  """
-  resumed = tmp_path_factory.mktemp("search") / "resumed"
-  shutil.copytree(smoke_workdir, resumed)
-  for stage in (resumed / "checkpoints").iterdir():
-    if stage.name != "supernet":
-      shutil.rmtree(stage)
-  for later in ("results", "final"):
-    shutil.rmtree(resumed / later)
-  first = _start(resumed)
-  log = resumed / "results" / "candidates.jsonl"
-  _kill_when(first, lambda: log.exists() and log.stat().st_size > 0)
-  second = _start(resumed)
-  final = resumed / "checkpoints" / "final"
-  _kill_when(second, lambda: final.is_dir() and any(step.name.isdigit() for step in
-                                                    final.iterdir()))
-  output = _finish(_start(resumed))
-  return resumed, smoke_workdir, output
-
-
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
-  resumed, straight, output = runs
-  assert "[search] resumed at cycle" in output and "[final] resumed at step" in output, \
-      output[-4000:]
-  (summary, candidates), (expected, expected_candidates) = _comparable(resumed), \
-      _comparable(straight)
-  assert candidates == expected_candidates
-  assert summary == expected
 
 
 def test_results_follow_the_documented_schema(smoke_workdir):
