@@ -71,7 +71,8 @@ def _noise(records: list[dict]) -> dict:
 
 
 class _Timed:
-  """A controller whose `ask` + `tell` wall time per batch is recorded in `seconds`."""
+  """A controller whose `ask` + `tell` wall time per batch is recorded in `seconds` (its
+  other methods pass through)."""
 
   def __init__(self, controller):
     self.controller, self.seconds, self.batch_size = controller, [], controller.batch_size
@@ -88,8 +89,8 @@ class _Timed:
     self.controller.tell(archs, rewards)
     self.seconds.append(self._clock + time.perf_counter() - start)
 
-  def state_dict(self):
-    return self.controller.state_dict()
+  def __getattr__(self, name):  # state_dict, and what a controller may add (observe, ...)
+    return getattr(self.controller, name)
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -200,7 +201,7 @@ def main() -> None:
       overhead[name].extend(controller.seconds)
       stats = getattr(controller.controller, "stats", None)
       if stats is not None:
-        validity.setdefault(name, []).append(stats().get("validity"))
+        validity.setdefault(name, []).append(stats().get("llm_validity"))
   curves = {name: {seed: _curve(records, cycles) for seed, records in by_seed.items()}
             for name, by_seed in runs.items()}
   best = {name: [c[seed][-1] for seed in args.seeds] for name, c in curves.items()}
