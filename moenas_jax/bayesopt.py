@@ -158,9 +158,7 @@ class BOSettings:
     if not (np.isfinite(self.kappa) and self.kappa >= 0) or self.warmup < MIN_POINTS:
       raise ValueError(f"bo needs a finite kappa >= 0 and warmup >= {MIN_POINTS}, got "
                        f"{self.kappa} and {self.warmup}")
-    for budget in (self.param_budget, self.mac_budget):
-      if budget is not None and not budget > 0:
-        raise ValueError(f"a bo budget must be positive or None, got {budget!r}")
+    search_space.check_budgets("bo", self.param_budget, self.mac_budget)
     require(self.surrogate)
 
   def feasible(self, space: SearchSpace, archs: Arch) -> np.ndarray:

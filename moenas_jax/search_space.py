@@ -75,6 +75,13 @@ def features(space: SearchSpace, archs: Arch, *, one_hot: bool = False) -> np.nd
   return np.concatenate(columns, axis=1).astype(np.float64)
 
 
+def check_budgets(owner: str, *budgets: float | None) -> None:
+  """Raises ValueError unless every hard budget of controller `owner` is positive or None."""
+  for budget in budgets:
+    if budget is not None and not budget > 0:
+      raise ValueError(f"a {owner} budget must be positive or None, got {budget!r}")
+
+
 def within_budget(space: SearchSpace, archs: Arch, param_budget: float | None = None,
                   mac_budget: float | None = None) -> np.ndarray:
   """[P] bool: the candidates within the params and MACs budgets (None: no budget), from the

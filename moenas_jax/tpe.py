@@ -63,9 +63,7 @@ class TPESettings:
       raise ValueError(f"optuna needs batch_size >= 1, startup_trials >= 1 and max_redraws "
                        f">= 0, got {self.batch_size}, {self.startup_trials} and "
                        f"{self.max_redraws}")
-    for budget in (self.param_budget, self.mac_budget):
-      if budget is not None and not budget > 0:
-        raise ValueError(f"an optuna budget must be positive or None, got {budget!r}")
+    search_space.check_budgets("optuna", self.param_budget, self.mac_budget)
     _optuna()
 
 

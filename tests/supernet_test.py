@@ -144,6 +144,7 @@ from moenas_jax.stages import data as data_stage, supernet as supernet_stage
 assert jax.device_count() == 8
 config = smoke.get_config()
 config.log_every = 2
+config.data.update(train_size=256, held_train_size=64, eval_size=100, eval_batch_size=100)
 config.supernet.update(steps=6, checkpoint_every=2)  # batches of 32: 4 examples per device
 root = Path(sys.argv[1])
 data = data_stage.load_data(config, root)

@@ -62,9 +62,7 @@ class LLMSettings:
     if not (np.isfinite(self.temperature) and self.temperature >= 0) or self.repair_radius < 0:
       raise ValueError(f"llm needs a finite temperature >= 0 and repair_radius >= 0, got "
                        f"{self.temperature} and {self.repair_radius}")
-    for budget in (self.param_budget, self.mac_budget):
-      if budget is not None and not budget > 0:
-        raise ValueError(f"an llm budget must be positive or None, got {budget!r}")
+    search_space.check_budgets("llm", self.param_budget, self.mac_budget)
     gguf_model.require("gguf")
     gguf_model.require("tokenizers")
     if not self.model:
