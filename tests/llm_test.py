@@ -253,9 +253,9 @@ class _Copycat:
     return [design.Proposal("experts=[5,2,7,3] top_k=[2,1,2,1]", True)] * count
 
 
-def test_unparsable_answers_fall_back_to_random_after_max_attempts():
+def test_unparsable_answers_fall_back_to_random_after_max_attempts(tiny_path):
   garbage = _Garbage()
-  controller = _llm(garbage, max_attempts=3)
+  controller = _llm(garbage, max_attempts=3, model=str(tiny_path))
   archs = _cycle(controller)
   assert garbage.calls == 3 and len({a.key() for a in search_space.unstack(archs)}) == 4
   stats = controller.stats()
@@ -264,8 +264,8 @@ def test_unparsable_answers_fall_back_to_random_after_max_attempts():
   assert controller.summary() == "llm: 0/12 valid before repair, 0 repaired, 4 random"
 
 
-def test_repeated_answers_are_repaired_to_the_nearest_new_architecture():
-  controller = _llm(_Copycat())
+def test_repeated_answers_are_repaired_to_the_nearest_new_architecture(tiny_path):
+  controller = _llm(_Copycat(), model=str(tiny_path))
   archs = search_space.unstack(_cycle(controller))
   best = np.array([5, 2, 7, 3, 2, 1, 2, 1])
   distances = [np.abs(np.concatenate([a.num_experts, a.top_k]) - best).sum() for a in archs]
