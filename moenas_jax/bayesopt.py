@@ -201,9 +201,7 @@ class BayesOpt:
   def tell(self, archs: Arch, rewards: Any) -> None:
     """Records the finite rewards [P] of a batch it proposed (also one a killed run had
     pending)."""
-    rewards = np.asarray(rewards, np.float64)
-    if rewards.shape != (self.batch_size,) or not np.isfinite(rewards).all():
-      raise ValueError(f"tell() needs {self.batch_size} finite rewards, got {rewards!r}")
+    rewards = search_space.check_rewards(rewards, self.batch_size)
     for arch, value in zip(search_space.unstack(archs), rewards.tolist()):
       self._history.append({"arch": search_space.to_dict(arch), "reward": value})
       self._scored.setdefault(arch.key(), (arch, value))

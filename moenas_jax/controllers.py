@@ -113,7 +113,7 @@ class RandomSearch:
 
   def tell(self, archs: Arch, rewards: np.ndarray) -> None:
     """Records a batch it proposed (also one a killed run had pending) with its rewards."""
-    _check_rewards(rewards, self.batch_size)
+    search_space.check_rewards(rewards, self.batch_size)
     for arch, value in zip(search_space.unstack(archs), np.asarray(rewards, np.float64)):
       self._history.append({"arch": search_space.to_dict(arch), "reward": float(value)})
       self._seen.add(arch.key())
@@ -131,12 +131,6 @@ class RandomSearch:
       controller.tell(search_space.stack([search_space.from_json(r["arch"]) for r in chunk]),
                       [r["reward"] for r in chunk])
     return controller
-
-
-def _check_rewards(rewards: Any, batch_size: int) -> None:
-  rewards = np.asarray(rewards, np.float64)
-  if rewards.shape != (batch_size,) or not np.isfinite(rewards).all():
-    raise ValueError(f"tell() needs {batch_size} finite rewards, got {rewards!r}")
 
 
 CONTROLLERS = {"bo": bayesopt.BayesOpt, "evolution": evolution.Evolution,

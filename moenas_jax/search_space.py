@@ -75,6 +75,14 @@ def features(space: SearchSpace, archs: Arch, *, one_hot: bool = False) -> np.nd
   return np.concatenate(columns, axis=1).astype(np.float64)
 
 
+def check_rewards(rewards: Any, batch_size: int) -> np.ndarray:
+  """The rewards a controller's `tell()` takes, as float64 [P]: finite, one per candidate."""
+  rewards = np.asarray(rewards, np.float64)
+  if rewards.shape != (batch_size,) or not np.isfinite(rewards).all():
+    raise ValueError(f"tell() needs {batch_size} finite rewards, got {rewards!r}")
+  return rewards
+
+
 def check_budgets(owner: str, *budgets: float | None) -> None:
   """Raises ValueError unless every hard budget of controller `owner` is positive or None."""
   for budget in budgets:

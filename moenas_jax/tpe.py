@@ -95,9 +95,7 @@ class TPESearch:
 
   def tell(self, archs: Arch, rewards: Any) -> None:
     """Records the finite rewards [P] of the batch `ask` returned (also after a resume)."""
-    rewards = np.asarray(rewards, np.float64)
-    if rewards.shape != (self.batch_size,) or not np.isfinite(rewards).all():
-      raise ValueError(f"tell() needs {self.batch_size} finite rewards, got {rewards!r}")
+    rewards = search_space.check_rewards(rewards, self.batch_size)
     if self._pending is None or (search_space.to_dict(self._pending[0])
                                  != search_space.to_dict(archs)):
       raise ValueError("tell() takes the batch the last ask() returned")

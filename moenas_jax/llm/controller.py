@@ -121,9 +121,7 @@ class LLMSearch:
 
   def tell(self, archs: Arch, rewards: Any) -> None:
     """Records the finite rewards [P] of the batch `ask()` returned."""
-    rewards = np.asarray(rewards, np.float64)
-    if rewards.shape != (self.batch_size,) or not np.isfinite(rewards).all():
-      raise ValueError(f"tell() needs {self.batch_size} finite rewards, got {rewards!r}")
+    rewards = search_space.check_rewards(rewards, self.batch_size)
     if self._pending is None or self._pending["arch"] != search_space.to_dict(archs):
       raise ValueError("tell() takes the batch the last ask() returned")
     for arch, value, source in zip(search_space.unstack(archs), rewards.tolist(),
