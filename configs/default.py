@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
       # and over-budget answers are repaired, slots still open after llm_max_attempts
       # generations get random samples. llm_model: a Llama GGUF file ("": SmolLM2-135M).
       llm_model="", llm_temperature=0.7, llm_top_results=5, llm_max_attempts=2,
+      # PGD steps (L∞, config.evaluation.pgd_epsilon and pgd_step_size, the router attacked
+      # too) when scoring candidates: adds adversarial_accuracy (and its group accuracies and
+      # disparity) to the metrics, for config.reward.terms; 0 = off.
+      pgd_steps=0,
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w
@@ -111,12 +115,22 @@ def get_config() -> ml_collections.ConfigDict:
   # mobilevit_v2_dense_erm): the reference a user starts from.
   config.train = ml_collections.ConfigDict(dict(
       epochs=3, batch_size=64, learning_rate=1e-3, weight_decay=0.05, warmup_fraction=0.05,
-      objective=dict(name="group_balanced", units="group", dro_step_size=0.1)))
+      objective=dict(name="group_balanced", units="group", dro_step_size=0.1),
+      # Adversarial training (moenas_jax/adversarial.py): "none", "pgd_at" (cross-entropy of
+      # PGD examples), "trades" (CE(x) + beta · KL(f(x) ‖ f(x_adv))) or "advmoe" (per batch a
+      # TRADES step of the backbone, then a router step: CE(router(x), y mod E) + alpha ·
+      # KL of the router; needs a model with an image router, e.g. resnet_moe; baselines
+      # without one train with TRADES). The training attack: PGD-`steps` of `step_size`
+      # within `epsilon`, from a random start. The per-example losses go through objective.
+      adversarial=dict(method="none", epsilon=8 / 255, step_size=5 / 255, steps=2, beta=6.0,
+                       alpha=6.0)))
   config.baselines = ("mobilevit_v2_dense",)  # also: "mobilenet_v2", "resnet"
   # Model options of a baseline family, e.g. {"mobilenet_v2": {"width_multiplier": 0.5}}.
   config.baseline_options = {}
   # Test metrics of the found model and the baselines: robustness over every lighting kind at
-  # these severities (all 25 perturbations by default), bootstrap intervals, optional PGD.
+  # these severities (all 25 perturbations by default), bootstrap intervals, optional PGD
+  # (pgd_steps of pgd_step_size within pgd_epsilon, e.g. PGD-10 at 8/255; also the search's).
   config.evaluation = ml_collections.ConfigDict(dict(
-      lighting_severities=(1, 2, 3, 4, 5), bootstrap_resamples=1000, pgd_steps=0))
+      lighting_severities=(1, 2, 3, 4, 5), bootstrap_resamples=1000, pgd_steps=0,
+      pgd_epsilon=8 / 255, pgd_step_size=2 / 255))
   return config

@@ -7,9 +7,10 @@ bootstrap. `evaluate` gives, on the evaluation examples, everything of `metrics.
   once), `robustness_by_kind` (mean per kind) and `robust_worst_group_accuracy`;
 - `train_accuracy`, `generalization_gap` (group-fair) and `pooled_generalization_gap` on a
   held training subset, when given;
-- `adversarial_accuracy` under an L∞ PGD attack (ε = 8/255, steps of 2/255: the defaults of
-  `metrics.pgd_attack`) when `pgd_steps` > 0; batch b is attacked from key
-  `fold_in(split(key(seed))[1], b)`;
+- with an `attack` (`adversarial.AttackSettings`, e.g. PGD-10, ε = 8/255, steps of 2/255,
+  on the whole model, the router included): `adversarial_accuracy`,
+  `adversarial_group_accuracy`, `adversarial_disparity`, `adversarial_worst_group_accuracy`;
+  batch b is attacked from key `fold_in(split(key(seed))[1], b)`;
 - `bootstrap`: `metrics.bootstrap_intervals` of the clean predictions (key
   `split(key(seed))[0]`): {"accuracy", "group_accuracy", "disparity", "worst_group_accuracy"}
   each {"estimate", "low", "high"}.
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moenas_jax import costs, metrics, models, population, search_space
+from moenas_jax import adversarial, costs, metrics, models, population, search_space
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -36,12 +37,12 @@ class Evaluator:
 
   def __init__(self, graphdef: nnx.GraphDef, *, num_classes: int, num_groups: int,
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
-               pgd_steps: int = 0):
+               attack: adversarial.AttackSettings | None = None):
     self.num_classes, self.num_groups = num_classes, num_groups
     self.lighting_set = tuple(lighting_set)
     self.population = population.PopulationEvaluator(
         graphdef, num_classes=num_classes, num_groups=num_groups, batch_size=batch_size,
-        lighting_set=lighting_set, pgd_steps=pgd_steps)
+        lighting_set=lighting_set, attack=attack)
 
   def evaluate(self, params: nnx.State, state: nnx.State, examples: pipeline.Examples, *,
                held_examples: pipeline.Examples | None = None, bootstrap_resamples: int = 1000,
@@ -95,11 +96,12 @@ def evaluate(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
              examples: pipeline.Examples, *, num_classes: int, num_groups: int, batch_size: int,
              held_examples: pipeline.Examples | None = None,
              lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
-             bootstrap_resamples: int = 1000, pgd_steps: int = 0, seed: int = 0,
+             bootstrap_resamples: int = 1000,
+             attack: adversarial.AttackSettings | None = None, seed: int = 0,
              arch: Arch | None = None) -> dict[str, Any]:
   """Full metrics of one model (see the module docstring and `Evaluator.evaluate`)."""
   evaluator = Evaluator(graphdef, num_classes=num_classes, num_groups=num_groups,
-                        batch_size=batch_size, lighting_set=lighting_set, pgd_steps=pgd_steps)
+                        batch_size=batch_size, lighting_set=lighting_set, attack=attack)
   return evaluator.evaluate(params, state, examples, held_examples=held_examples,
                             bootstrap_resamples=bootstrap_resamples, seed=seed, arch=arch)
 

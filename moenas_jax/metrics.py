@@ -24,7 +24,6 @@ training subset accuracy minus evaluation accuracy, averaged over the groups pre
 both), `pooled_generalization_gap` (the same over all examples pooled, which also counts a
 shift of group shares between the splits) and `robustness` (mean accuracy over
 `lighting.LIGHTING_SET`).
-`pgd_attack` gives L∞ adversarial images for the optional adversarial accuracy.
 `bootstrap_intervals` (host, final models and baselines) gives percentile intervals, and
 `paired_bootstrap` the paired intervals of one model's metrics minus another's.
 """
@@ -184,31 +183,6 @@ def robustness_by_kind(accuracies: jax.Array,
   kinds = [kind for kind, _ in lighting_set]
   return {kind: accuracies[..., np.asarray([k == kind for k in kinds])].mean(-1)
           for kind in dict.fromkeys(kinds)}
-
-
-def pgd_attack(loss_fn: Callable[[jax.Array, jax.Array], jax.Array], images: jax.Array,
-               labels: jax.Array, *, key: jax.Array, epsilon: float = 8 / 255, steps: int = 10,
-               step_size: float = 2 / 255) -> jax.Array:
-  """L∞ projected gradient ascent on `loss_fn(images, labels) -> scalar` (Madry et al.).
-
-  Starts from a uniform random point of the ε-ball (from `key`), then `steps` times moves by
-  `step_size` · sign(gradient) and projects back onto the ball ∩ [0, 1]. The defaults are the
-  usual CIFAR setting (ε = 8/255, 10 steps of 2/255); give them as Python numbers. Returns
-  images of the same shape, with no gradient flowing back through the attack.
-  """
-  if epsilon < 0 or step_size < 0 or steps < 0:
-    raise ValueError(f"pgd_attack needs epsilon, step_size and steps >= 0, got {epsilon}, "
-                     f"{step_size}, {steps}")
-  low, high = jnp.clip(images - epsilon, 0.0, 1.0), jnp.clip(images + epsilon, 0.0, 1.0)
-  start = jnp.clip(images + jax.random.uniform(key, images.shape, images.dtype, -epsilon,
-                                               epsilon), low, high)
-  grad = jax.grad(loss_fn)
-
-  def step(_, adversarial):
-    moved = adversarial + step_size * jnp.sign(grad(adversarial, labels))
-    return jnp.clip(moved, low, high)
-
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, step, start))
 
 
 BOOTSTRAPPED = ("accuracy", "group_accuracy", "disparity", "worst_group_accuracy")

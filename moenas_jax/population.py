@@ -19,8 +19,9 @@ padded with copies of its last candidate, whose results are then dropped (so is 
 does not split into equal chunks).
 
 The same evaluator scores one standalone model (`population=None`: P = 1, the model's own
-architecture) and attacks candidates with L∞ PGD (`pgd_steps` > 0: a second compiled
-function, vmapped the same way); `evaluate.Evaluator`, the test-time evaluator, is this at
+architecture) and attacks candidates with L∞ PGD (`attack`: `adversarial.pgd` on the
+cross-entropy of the whole model, the router included; a second compiled function, vmapped
+the same way); `evaluate.Evaluator`, the test-time evaluator, is this at
 P = 1 plus the bootstrap.
 """
 
@@ -36,9 +37,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import hosts, loss, metrics, models
+from moenas_jax import adversarial, hosts, loss, metrics, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
+
+# The metrics reported under attack, as "adversarial_<name>".
+ADVERSARIAL = ("accuracy", "group_accuracy", "disparity", "worst_group_accuracy")
+
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, data_parallel: int = 1) -> Mesh:
   """A ('pop', 'data') mesh over the devices: `data_parallel` of them per candidate shard."""
@@ -106,8 +111,10 @@ class PopulationEvaluator:
   `metrics.summarize` on the evaluation split, `robustness` (accuracy over the
   `lighting_set` perturbations of the same split) and `perturbation_accuracy` (one per
   perturbation, [P, S]), `train_accuracy` on the held training subset and
-  `generalization_gap` (group-fair: `metrics.generalization_gap`), and with `pgd_steps` > 0
-  `adversarial_accuracy` under `metrics.pgd_attack` (ε = 8/255, steps of 2/255). With
+  `generalization_gap` (group-fair: `metrics.generalization_gap`), and with an `attack`
+  (`adversarial.AttackSettings`, e.g. PGD-10 at ε = 8/255) `adversarial_accuracy`,
+  `adversarial_group_accuracy`, `adversarial_disparity` and
+  `adversarial_worst_group_accuracy` under it. With
   `per_candidate_weights=True` the params and state passed in carry a leading axis P too
   (proxy fine-tuned copies). `chunk_size`: at most this many candidates vmapped at once
   (None: all P).
@@ -123,10 +130,8 @@ class PopulationEvaluator:
                batch_size: int, lighting_set: Sequence[tuple[str, int]] = lighting.LIGHTING_SET,
                mesh: Mesh | None = None, per_candidate_weights: bool = False,
                chunk_size: int | None = None, recalibration_images: np.ndarray | None = None,
-               pgd_steps: int = 0):
+               attack: adversarial.AttackSettings | None = None):
     indexed_set = lighting.indexed(lighting_set)
-    if pgd_steps < 0:
-      raise ValueError(f"pgd_steps={pgd_steps} must be >= 0 (0: no attack)")
     data_shards = 1 if mesh is None else mesh.shape["data"]
     if chunk_size is not None and chunk_size < 1:
       raise ValueError(f"chunk_size={chunk_size} must be positive (or None: all candidates at "
@@ -143,7 +148,7 @@ class PopulationEvaluator:
     self.per_candidate_weights, self.chunk_size = per_candidate_weights, chunk_size
     self.recalibration_images = (None if recalibration_images is None
                                  else jnp.asarray(recalibration_images, jnp.float32))
-    self.lighting_set, self.pgd_steps = indexed_set, pgd_steps
+    self.lighting_set, self.attack = indexed_set, attack
     params_axis = 0 if per_candidate_weights else None
     state_axis = 0 if per_candidate_weights or recalibration_images is not None else None
 
@@ -183,12 +188,11 @@ class PopulationEvaluator:
     def adversarial_counts(params, state, archs, batch, key, totals, num_chunks):
       """totals + the batch's counts after each candidate's own PGD attack (from `key`)."""
       def candidate(params, state, arch):
-        def attacked_loss(images, labels):
-          ce = loss.cross_entropy(logits_of(params, state, arch, images), labels)
+        def attacked_loss(images):
+          ce = loss.cross_entropy(logits_of(params, state, arch, images), batch["label"])
           return (ce * batch["mask"]).sum()
 
-        images = metrics.pgd_attack(attacked_loss, batch["image"], batch["label"], key=key,
-                                    steps=pgd_steps)
+        images = adversarial.pgd(attacked_loss, batch["image"], key=key, settings=attack)
         return counts_of(logits_of(params, state, arch, images), batch)
 
       counts = chunked_vmap(candidate, num_chunks, (params_axis, state_axis, 0))(
@@ -285,9 +289,9 @@ class PopulationEvaluator:
 
   def adversarial_counts(self, params: Any, state: Any, population: Arch | None,
                          examples: pipeline.Examples, key: jax.Array) -> metrics.Counts:
-    """Counts after PGD (`pgd_steps`), batch b attacked from `fold_in(key, b)`; as `counts`."""
-    if not self.pgd_steps:
-      raise ValueError("this evaluator has pgd_steps=0; build it with pgd_steps > 0 to attack")
+    """Counts after PGD (`attack`), batch b attacked from `fold_in(key, b)`; as `counts`."""
+    if self.attack is None:
+      raise ValueError("this evaluator has no attack; build it with attack=AttackSettings(...)")
     params, state, archs, num_chunks, _, totals = self._prepared(params, state, population)
     for b, batch in enumerate(pipeline.eval_batches(examples, self.batch_size)):
       totals = self._adversarial_counts(params, state, archs, batch,
@@ -304,11 +308,11 @@ class PopulationEvaluator:
 
     Robustness is measured on `robust_examples` (default: the evaluation examples). With
     `recalibration_images`, every candidate is scored with its recalibrated batch-norm state.
-    With `pgd_steps` > 0, `attack_key` seeds the attack (`adversarial_counts`).
+    With an `attack`, `attack_key` seeds it (`adversarial_counts`).
     `with_predictions`: also "predictions", the clean predicted classes [P, n].
     """
-    if self.pgd_steps and attack_key is None:
-      raise ValueError("an evaluator with pgd_steps > 0 needs attack_key (its random starts)")
+    if self.attack is not None and attack_key is None:
+      raise ValueError("an evaluator with an attack needs attack_key (its random starts)")
     size = 1 if population is None else int(np.shape(population.num_experts)[0])
     if self.recalibration_images is not None and population is not None:
       state = self.recalibrate(params, state, population)
@@ -331,9 +335,11 @@ class PopulationEvaluator:
           held["group_accuracy"], summary["group_accuracy"])
       summary["pooled_generalization_gap"] = metrics.pooled_generalization_gap(
           held["accuracy"], summary["accuracy"])
-    if self.pgd_steps:
-      summary["adversarial_accuracy"] = self._summarize(self.adversarial_counts(
-          params, state, population, eval_examples, attack_key))["accuracy"]
+    if self.attack is not None:
+      attacked = self._summarize(self.adversarial_counts(params, state, population,
+                                                         eval_examples, attack_key))
+      for name in ADVERSARIAL:
+        summary[f"adversarial_{name}"] = attacked[name]
     result = {name: values[:size] for name, values in hosts.to_host(summary).items()}
     if with_predictions:
       result["predictions"] = predictions

@@ -8,8 +8,9 @@ dataset's image shape, and the budgets against the smallest candidate of its spa
 Both raise `ConfigError`, whose message is `config.<field>=<value>: <why>; <fix>`; the
 launchers print it as one `error: …` line and exit with status 2.
 
-The builders (`supernet_optimizer`, `train_settings`, `proxy_settings`, `controller_options`,
-`reward_spec`, `objective_settings`, `lighting_set`, `model_options`) are the one place
+The builders (`supernet_optimizer`, `train_settings`, `adversarial_settings`,
+`attack_settings`, `proxy_settings`, `controller_options`, `reward_spec`,
+`objective_settings`, `lighting_set`, `model_options`) are the one place
 a config section becomes the typed settings of the module that uses it.
 """
 
@@ -24,7 +25,18 @@ from typing import Any
 import jax
 from flax import nnx
 
-from moenas_jax import bayesopt, controllers, models, objectives, proxy, reward, supernet, train
+from moenas_jax import (
+  adversarial,
+  bayesopt,
+  controllers,
+  loss,
+  models,
+  objectives,
+  proxy,
+  reward,
+  supernet,
+  train,
+)
 from moenas_jax.data import DATASETS, describe_dataset, lighting
 
 
@@ -125,7 +137,47 @@ def train_settings(config: Any) -> train.TrainSettings:
   cfg = config.train
   return train.TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                             warmup_fraction=cfg.warmup_fraction)
+                             warmup_fraction=cfg.warmup_fraction,
+                             adversarial=adversarial_settings(config))
+
+
+def adversarial_settings(config: Any) -> adversarial.AdversarialSettings:
+  """`config.train.adversarial`: the training method, its attack and weights."""
+  field = "train.adversarial"
+  values = dict(_value(config, field).items())
+  known = [f.name for f in dataclasses.fields(adversarial.AdversarialSettings)]
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ConfigError(field, values, f"has unknown settings {unknown}", f"use {', '.join(known)}")
+  _choice(config, f"{field}.method", adversarial.METHODS, "e.g. trades, or none")
+  for name, fix in (("epsilon", "e.g. 8/255 = 0.0314"), ("step_size", "e.g. 5/255 = 0.0196"),
+                    ("beta", "e.g. 6.0"), ("alpha", "e.g. 6.0")):
+    if name in values:
+      _number(config, f"{field}.{name}", fix, high=1 if name in ("epsilon", "step_size") else 1e3)
+  if "steps" in values:
+    _integer(config, f"{field}.steps", 0, "e.g. 2 (AdvMoE's training attack)")
+  try:
+    return adversarial.AdversarialSettings(**values)
+  except ValueError as error:
+    name = "steps" if "needs steps" in str(error) else "step_size"
+    raise ConfigError(f"{field}.{name}", values[name], str(error),
+                      "fix it or method 'none'" if name == "steps" else
+                      f"use at most config.{field}.epsilon") from None
+
+
+def attack_settings(config: Any, steps_field: str) -> adversarial.AttackSettings | None:
+  """PGD with `steps_field` steps (e.g. "evaluation.pgd_steps", "search.pgd_steps") of
+  `evaluation.pgd_step_size` within `evaluation.pgd_epsilon`; None at 0 steps."""
+  steps = _integer(config, steps_field, 0, "0 turns the PGD attack off")
+  if not steps:
+    return None
+  epsilon = _number(config, "evaluation.pgd_epsilon", "e.g. 8/255 = 0.0314", high=1)
+  step_size = _number(config, "evaluation.pgd_step_size", "e.g. 2/255 = 0.0078", high=1)
+  try:
+    return adversarial.AttackSettings(epsilon, step_size, steps)
+  except ValueError as error:
+    raise ConfigError("evaluation.pgd_step_size", step_size, str(error),
+                      "lower it or raise config.evaluation.pgd_epsilon") from None
 
 
 def proxy_settings(config: Any) -> proxy.ProxySettings:
@@ -238,6 +290,7 @@ def _check_search_section(config: Any) -> None:
   _integer(config, "search.proxy_batch_size", 1, "e.g. 64")
   _number(config, "search.proxy_learning_rate", "e.g. 0.003", open_low=True, high=10)
   _integer(config, "search.chunk_size", 0, "0 scores the whole batch at once")
+  attack_settings(config, "search.pgd_steps")
   _check_bo_fields(config, batch)
   _integer(config, "search.optuna_startup_trials", 1, "e.g. 16 (two batches of 8)")
   _check_llm_fields(config)
@@ -301,6 +354,7 @@ def _check_final_sections(config: Any) -> None:
   _number(config, "train.weight_decay", "e.g. 0.05, or 0 for none", high=10)
   _number(config, "train.warmup_fraction", "a share of all steps, e.g. 0.05", high=1)
   objective_settings(config, "train")
+  adversarial_settings(config)
   if isinstance(config.baselines, str) or not isinstance(config.baselines, (tuple, list)):
     raise ConfigError("baselines", config.baselines, "must be a tuple of model names",
                       "e.g. --config.baselines='(\"mobilevit_v2_dense\", \"resnet\")'")
@@ -315,7 +369,7 @@ def _check_final_sections(config: Any) -> None:
                       f"are not in config.baselines", "add them there or drop their options")
   _severities(config, "evaluation.lighting_severities")
   _integer(config, "evaluation.bootstrap_resamples", 0, "e.g. 1000, or 0 for no intervals")
-  _integer(config, "evaluation.pgd_steps", 0, "0 turns the PGD attack off")
+  attack_settings(config, "evaluation.pgd_steps")
 
 
 def check(config: Any, data_dir: Any) -> None:
@@ -344,12 +398,18 @@ def check(config: Any, data_dir: Any) -> None:
                       f"see the options of dataset {cfg.name!r} (moenas_jax/data/)") from None
   height, width, channels = dataset.image_shape
   try:
-    space = nnx.eval_shape(lambda: models.build(
+    model = nnx.eval_shape(lambda: models.build(
         config.model.name, rngs=nnx.Rngs(config.seed), num_classes=len(dataset.class_names),
-        image_size=(height, width), channels=channels, **model_options(config))).search_space()
+        image_size=(height, width), channels=channels, **model_options(config)))
+    space = model.search_space()
   except (ValueError, TypeError) as error:
     raise ConfigError("model", config.model.to_dict(), str(error),
                       "fix that field of config.model") from None
+  if (config.train.adversarial.method == "advmoe"
+      and not loss.has_router(nnx.state(model, nnx.Param))):
+    raise ConfigError("train.adversarial.method", "advmoe", f"alternates an image router and "
+                      f"the backbone, but model {config.model.name!r} has no image router "
+                      f"(a top-level 'router')", "use 'trades' or model resnet_moe")
   try:
     spec.check_budget(space)
   except ValueError as error:

@@ -9,6 +9,12 @@ from the data: epochs × (examples // batch_size). Batches come from `pipeline.t
 `fold_in(jax.random.key(seed), t)`. One compiled step per `Trainer`, data parallel over every
 device: weights replicated, each batch split over the devices.
 
+Adversarial training (`settings.adversarial`, `adversarial.AdversarialSettings`): PGD-AT or
+TRADES per-example losses under the objective, or AdvMoE's alternation (`loss.advmoe_update`:
+a backbone and a router step per batch, opt_state = ((backbone state, router state),
+objective state); it needs a model with an image router, a top-level `router`, checked
+before anything compiles). The attack keys derive from the step's key.
+
 Resumable (`loop.fit`, the one training loop): with a `Checkpointer`, (params, state,
 opt_state) are saved at the end of every epoch (step number = steps done, meta = {"step",
 "history", "settings", "seed", "num_examples", "objective"}); a later call with the same
@@ -23,6 +29,7 @@ when the number of classes differs, then `train` as usual (`finetune` does both)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import hosts, loop, loss, models, objectives, population, supernet
+from moenas_jax import adversarial, hosts, loop, loss, models, objectives, population, supernet
 from moenas_jax.checkpoint import Checkpointer
 from moenas_jax.data import pipeline
 
@@ -44,7 +51,8 @@ class TrainSettings:
 
   The number of steps is not a setting: it follows from the data (epochs × steps per epoch).
   `warmup_fraction` of those steps warm the learning rate up linearly from 0 (rounded to
-  whole steps); a cosine then decays it to `final_fraction` of the peak.
+  whole steps); a cosine then decays it to `final_fraction` of the peak. `adversarial`: the
+  training method (clean by default).
   """
 
   epochs: int = 10
@@ -54,6 +62,7 @@ class TrainSettings:
   warmup_fraction: float = 0.05
   final_fraction: float = 0.01
   clip_norm: float = 1.0
+  adversarial: adversarial.AdversarialSettings = adversarial.AdversarialSettings()
 
   def __post_init__(self):
     if self.epochs < 1 or self.batch_size < 1:
@@ -87,14 +96,29 @@ class Trainer:
                        f"number of training examples); lower it or give more examples")
     self.settings, self.num_examples = settings, num_examples
     self.steps_per_epoch = num_examples // settings.batch_size
-    self.optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
+    optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
     self.objective = objectives.Objective.erm() if objective is None else objective
+    method = settings.adversarial
+    if method.method == "advmoe":
+      optimizers = loss.alternating(optimizer)
 
-    def train_step(params, state, opt_state, batch, key, step):
-      noise = jax.random.fold_in(key, step)
-      return loss.update(self.optimizer, self.objective,
-                         lambda params: loss.terms(graphdef, params, state, batch, key=noise),
-                         params, opt_state, batch)
+      def train_step(params, state, opt_state, batch, key, step):
+        return loss.advmoe_update(optimizers, self.objective, graphdef, params, state,
+                                  opt_state, batch, jax.random.fold_in(key, step), method)
+
+      def init_optimizer(params):
+        return tuple(optimizer.init(params) for optimizer in optimizers)
+    else:
+      terms = (loss.terms if method.method == "none" else
+               functools.partial(loss.adversarial_terms, settings=method))
+
+      def train_step(params, state, opt_state, batch, key, step):
+        noise = jax.random.fold_in(key, step)
+        return loss.update(optimizer, self.objective,
+                           lambda params: terms(graphdef, params, state, batch, key=noise),
+                           params, opt_state, batch)
+
+      init_optimizer = optimizer.init
 
     self._step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     # Data parallel over every device (of every process): weights replicated, batches split.
@@ -102,7 +126,7 @@ class Trainer:
     self._replicated = NamedSharding(mesh, PS())
     self._split = NamedSharding(mesh, PS(mesh.axis_names))
     # One program, not one per parameter shape: (optimizer state, objective state).
-    self._init = jax.jit(lambda params: (self.optimizer.init(params), self.objective.init()))
+    self._init = jax.jit(lambda params: (init_optimizer(params), self.objective.init()))
 
   def fit(self, params: nnx.State, state: nnx.State, train_examples: pipeline.Examples, *,
           seed: int, checkpointer: Checkpointer | None = None,
@@ -114,6 +138,11 @@ class Trainer:
     over its steps of loss, cross_entropy, aux_loss, accuracy, grad_norm). `log` gets one
     line per epoch (after its checkpoint is saved); default: absl logging.
     """
+    if self.settings.adversarial.method == "advmoe" and not loss.has_router(params):
+      raise ValueError("adversarial method 'advmoe' alternates the image router and the "
+                       "backbone, but this model has no top-level 'router' parameters; use "
+                       "method 'trades' (or 'pgd_at') for it, or a model with an image "
+                       "router (resnet_moe)")
     size = len(train_examples["label"])
     if size != self.num_examples:
       raise ValueError(f"this Trainer's schedule was made for {self.num_examples} examples, "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moenas_jax import costs, evaluate, export, loss, metrics, models
+from moenas_jax import adversarial, costs, evaluate, export, loss, models
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -89,7 +89,8 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples)
           "label": np.array([3, 3, 3, 1, 3, 0, 0, 0, 0, 2], np.int32),
           "group": np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], np.int32)}
   evaluator = evaluate.Evaluator(graphdef, num_classes=NUM_CLASSES, num_groups=NUM_GROUPS,
-                                 batch_size=8, lighting_set=(("gamma", 3),), pgd_steps=1)
+                                 batch_size=8, lighting_set=(("gamma", 3),),
+                                 attack=adversarial.AttackSettings(steps=1))
   result = evaluator.evaluate(constant, state, data, held_examples=data,
                               bootstrap_resamples=200)
   # Group 0: 3 of 4 are class 3; group 1: 1 of 6.
@@ -102,6 +103,9 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples)
   np.testing.assert_allclose(result["robustness"], 0.4, atol=1e-6)
   np.testing.assert_allclose(result["robustness_by_kind"]["gamma"], 0.4, atol=1e-6)
   np.testing.assert_allclose(result["adversarial_accuracy"], 0.4, atol=1e-6)
+  # The attack cannot move a constant classifier: its groups keep 3/4 and 1/6.
+  np.testing.assert_allclose(result["adversarial_group_accuracy"], [3 / 4, 1 / 6], atol=1e-6)
+  np.testing.assert_allclose(result["adversarial_disparity"], 3 / 4 - 1 / 6, atol=1e-6)
   assert result["generalization_gap"] == 0.0
   np.testing.assert_allclose(result["bootstrap"]["group_accuracy"]["estimate"], [3 / 4, 1 / 6],
                              atol=1e-6)
@@ -111,9 +115,10 @@ def test_hand_derived_metrics_of_a_constant_classifier_and_pgd(resnet, examples)
 
   @jax.jit
   def attacked_correct(batch, key):
-    def attacked_loss(images, labels):
-      return (loss.cross_entropy(logits_of(images), labels) * batch["mask"]).sum()
-    images = metrics.pgd_attack(attacked_loss, batch["image"], batch["label"], key=key, steps=1)
+    def attacked_loss(images):
+      return (loss.cross_entropy(logits_of(images), batch["label"]) * batch["mask"]).sum()
+    images = adversarial.pgd(attacked_loss, batch["image"], key=key,
+                             settings=adversarial.AttackSettings(steps=1))
     return ((logits_of(images).argmax(-1) == batch["label"]) & batch["mask"]).sum()
 
   attack_key = jax.random.split(jax.random.key(5))[1]

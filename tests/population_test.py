@@ -12,9 +12,12 @@ import pytest
 
 from flax import nnx
 
-from moenas_jax import evaluate, models, population, search_space
+from configs import smoke
+from moenas_jax import adversarial, evaluate, models, population, reward, search_space, settings
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import lighting
+from moenas_jax.stages import data as data_stage
+from moenas_jax.stages import search as search_stage
 
 NUM_CLASSES, NUM_GROUPS = 10, 2
 
@@ -114,7 +117,8 @@ def test_attacks_and_predictions_of_a_population_equal_the_test_evaluator_at_p_1
   evaluation = examples(2, 12)  # the last batch of 8 is padded
   lighting_set = (("brightness", 5), ("gamma", 5))
   settings = dict(num_classes=NUM_CLASSES, num_groups=NUM_GROUPS, batch_size=8,
-                  lighting_set=lighting_set, pgd_steps=1)
+                  lighting_set=lighting_set,
+                  attack=adversarial.AttackSettings(steps=1))
   attack_key = jax.random.split(jax.random.key(4))[1]  # the test evaluator's, seed 4
   scores = population.PopulationEvaluator(graphdef, **settings).evaluate(
       params, state, archs, evaluation, attack_key=attack_key, with_predictions=True)
@@ -233,3 +237,38 @@ def test_sharded_over_8_devices_equals_one_device():
     assert np.shape(sharded)[0] == np.shape(chunked)[0] == 6, name
     np.testing.assert_allclose(sharded, single, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(chunked, single, atol=1e-6, err_msg=name)
+
+
+def test_the_search_scores_pgd_accuracy_of_p_candidates_in_one_compile_for_the_reward(
+    tiny_supernet, examples, tmp_path):
+  """config.search.pgd_steps → the search's evaluator attacks the P candidates in one
+  compiled call per batch shape; config.reward.terms weighs adversarial_accuracy."""
+  model, graphdef, params, state = tiny_supernet
+  space = model.search_space()
+  config = smoke.get_config()
+  config.data.eval_batch_size = 8
+  config.search.update(bn_batches=0, pgd_steps=1, lighting_severities=(5,))
+  config.reward.terms = {"adversarial_accuracy": {"weight": 0.3}}
+  settings.check(config, tmp_path / "data")
+  evaluation = examples(3, 16)
+  data = data_stage.Data(train=examples(4, 16), held=examples(1, 8), search=evaluation,
+                         robust=evaluation, test=evaluation, class_names=[str(n) for n in
+                                                                          range(NUM_CLASSES)],
+                         group_names=["a", "b"], image_shape=(28, 28, 3))
+  evaluator = search_stage.population_evaluator(config, graphdef, data)
+  assert evaluator.attack == adversarial.AttackSettings(steps=1)  # ε 8/255, steps of 2/255
+  score = search_stage.candidate_scorer(config, evaluator, params, state, space, data)
+  with count_compilations() as seen:
+    for cycle in range(2):
+      archs = space.sample_population(jax.random.key(cycle), 3)
+      records = score(archs, np.arange(3), cycle)
+  assert seen.of("adversarial_counts") == 1
+  metrics = {name: np.array([record["metrics"][name] for record in records])
+             for name in ("adversarial_accuracy", "adversarial_disparity")}
+  assert np.all((metrics["adversarial_accuracy"] >= 0) & (metrics["adversarial_accuracy"] <= 1))
+  # The reward is the default one plus 0.3 · adversarial accuracy.
+  plain = reward.spec_from_config({**config.reward.to_dict(), "terms": {}})
+  for record in records:
+    np.testing.assert_allclose(
+        record["reward"] - float(plain.reward(record["metrics"])),
+        0.3 * record["metrics"]["adversarial_accuracy"], atol=1e-6)

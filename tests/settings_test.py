@@ -81,6 +81,13 @@ BAD_VALUES = [
     ("evaluation.lighting_severities", (0,), "must be a non-empty tuple of severities"),
     ("evaluation.bootstrap_resamples", -1, "must be an integer >= 0"),
     ("evaluation.pgd_steps", -1, "must be an integer >= 0"),
+    ("evaluation.pgd_step_size", 0.1, "is larger than epsilon=0.031"),
+    ("search.pgd_steps", -1, "must be an integer >= 0"),
+    ("train.adversarial.method", "fgsm", "is unknown; choose one of"),
+    ("train.adversarial.method", "advmoe", "model 'mobilevit_v2' has no image router"),
+    ("train.adversarial.step_size", 0.5, "is larger than epsilon=0.031"),
+    ("train.adversarial.steps", 0, "'trades' needs steps >= 1"),
+    ("train.adversarial.beta", -1.0, "must be a finite number"),
 ]
 # Refused once the training split's size is known: after reading the data, before compiling.
 DATA_BAD_VALUES = [
@@ -105,6 +112,10 @@ def _config(field, value):
   config = smoke.get_config()
   if field == "search.proxy_batch_size":
     config.search.proxy_steps = 2
+  if field == "evaluation.pgd_step_size":
+    config.evaluation.pgd_steps = 10
+  if field == "train.adversarial.steps":
+    config.train.adversarial.method = "trades"
   _set(config, field, value)
   return config
 

@@ -8,6 +8,7 @@ predictions give paired bootstrap comparisons of found − baseline.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from moenas_jax import (
   checkpoint,
   evaluate,
   export,
+  loss,
   models,
   population,
   prune,
@@ -37,13 +39,14 @@ PREDICTIONS = "test_predictions.npz"
 
 
 def test_evaluator(config: Any, graphdef: nnx.GraphDef, data: Data) -> evaluate.Evaluator:
-  """Full test metrics of one model: every lighting perturbation, optional PGD."""
+  """Full test metrics of one model: every lighting perturbation, optional PGD (end to
+  end, the router included)."""
   return evaluate.Evaluator(graphdef, num_classes=len(data.class_names),
                             num_groups=len(data.group_names),
                             batch_size=config.data.eval_batch_size,
                             lighting_set=settings.lighting_set(
                                 config.evaluation.lighting_severities),
-                            pgd_steps=config.evaluation.pgd_steps)
+                            attack=settings.attack_settings(config, "evaluation.pgd_steps"))
 
 
 def _test_metrics(config: Any, evaluator: evaluate.Evaluator, params: Any, state: Any,
@@ -59,12 +62,18 @@ def train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, wo
   """Trains a standalone model with the shared recipe (resumable) and evaluates it on test.
 
   `objective_name` replaces the name of `config.train.objective` (e.g. "erm" for the
-  reference). Returns (model, test metrics, test predictions).
+  reference). Under AdvMoE, a model without an image router (a dense baseline) trains with
+  TRADES, AdvMoE's backbone step. Returns (model, test metrics, test predictions).
   """
   graphdef, params, state = models.split(model)
+  recipe = settings.train_settings(config)
+  if recipe.adversarial.method == "advmoe" and not loss.has_router(params):
+    log(f"[{name}] no image router: TRADES instead of AdvMoE")
+    recipe = dataclasses.replace(recipe, adversarial=dataclasses.replace(
+        recipe.adversarial, method="trades"))
   with checkpoint.Checkpointer(workdir / "checkpoints" / name) as checkpoints:
     params, state, _ = train.train(graphdef, params, state, data.train,
-                                   settings=settings.train_settings(config), seed=config.seed,
+                                   settings=recipe, seed=config.seed,
                                    checkpointer=checkpoints, log=log, name=name,
                                    objective=objective(config, "train", data, objective_name))
   nnx.update(model, params, state)

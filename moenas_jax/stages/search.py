@@ -40,7 +40,8 @@ def population_evaluator(config: Any, graphdef: nnx.GraphDef, data: Data, *,
       lighting_set=settings.lighting_set(config.search.lighting_severities),
       mesh=population.make_mesh() if jax.device_count() > 1 else None,
       per_candidate_weights=per_candidate_weights, chunk_size=config.search.chunk_size or None,
-      recalibration_images=recalibration_images(config, data))
+      recalibration_images=recalibration_images(config, data),
+      attack=settings.attack_settings(config, "search.pgd_steps"))
 
 
 def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, params: Any,
@@ -50,6 +51,8 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
   """The search's `score(archs, todo, cycle)`: validation metrics and reward of a batch."""
   spec = settings.reward_spec(config)
   proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  # One attack key for every cycle and candidate: scores stay comparable across cycles.
+  attack_key = jax.random.fold_in(jax.random.key(config.seed), 7)
 
   def score(archs: search_space.Arch, todo: np.ndarray, cycle: int) -> list[dict]:
     weights = (params, state)
@@ -58,7 +61,8 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
                                   jax.random.fold_in(proxy_key, cycle))
       log(f"[search] cycle {cycle}: proxy loss {logs['loss'][0].mean():.3f} → "
           f"{logs['loss'][-1].mean():.3f}")
-    scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust)
+    scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust,
+                                attack_key=attack_key)
     scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
     rewards = np.asarray(spec.reward(scores), np.float64)
     return [{"metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
