@@ -56,7 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.supernet = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, archs_per_step=3, learning_rate=3e-3, weight_decay=0.05,
       warmup_steps=50, checkpoint_every=100,
-      objective=dict(name="group_dro", units="group", dro_step_size=0.1)))
+      objective=dict(name="group_dro", units="group", dro_step_size=0.1),
+      # Adversarial supernet training, as config.train.adversarial ("pgd_at" or "trades":
+      # each of the K candidates attacked on its own; about 2 + steps forwards a candidate).
+      adversarial=dict(method="none", epsilon=8 / 255, step_size=5 / 255, steps=2, beta=6.0,
+                       alpha=6.0)))
 
   config.search = ml_collections.ConfigDict(dict(
       controller="evolution",  # or "bo", "llm", "optuna", "random" (moenas_jax/controllers.py)

@@ -138,12 +138,12 @@ def train_settings(config: Any) -> train.TrainSettings:
   return train.TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                              warmup_fraction=cfg.warmup_fraction,
-                             adversarial=adversarial_settings(config))
+                             adversarial=adversarial_settings(config, "train"))
 
 
-def adversarial_settings(config: Any) -> adversarial.AdversarialSettings:
-  """`config.train.adversarial`: the training method, its attack and weights."""
-  field = "train.adversarial"
+def adversarial_settings(config: Any, section: str) -> adversarial.AdversarialSettings:
+  """`config.<section>.adversarial`: the training method, its attack and weights."""
+  field = f"{section}.adversarial"
   values = dict(_value(config, field).items())
   known = [f.name for f in dataclasses.fields(adversarial.AdversarialSettings)]
   unknown = sorted(set(values) - set(known))
@@ -255,6 +255,10 @@ def _check_supernet_section(config: Any) -> None:
   _integer(config, "supernet.warmup_steps", 0, "e.g. 50, or 0 for none")
   _integer(config, "supernet.checkpoint_every", 1, "e.g. 100 steps")
   objective_settings(config, "supernet")
+  if adversarial_settings(config, "supernet").method == "advmoe":
+    raise ConfigError("supernet.adversarial.method", "advmoe", "the supernet trains K "
+                      "candidates at once and does not alternate routers and backbones",
+                      "use 'trades' or 'pgd_at' there; AdvMoE is for config.train")
 
 
 def _data_parallel(field: str, size: int) -> None:
@@ -354,7 +358,7 @@ def _check_final_sections(config: Any) -> None:
   _number(config, "train.weight_decay", "e.g. 0.05, or 0 for none", high=10)
   _number(config, "train.warmup_fraction", "a share of all steps, e.g. 0.05", high=1)
   objective_settings(config, "train")
-  adversarial_settings(config)
+  adversarial_settings(config, "train")
   if isinstance(config.baselines, str) or not isinstance(config.baselines, (tuple, list)):
     raise ConfigError("baselines", config.baselines, "must be a tuple of model names",
                       "e.g. --config.baselines='(\"mobilevit_v2_dense\", \"resnet\")'")

@@ -11,11 +11,16 @@ Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to globa
 weight decay applies to conv and linear kernels and expert weight matrices only (`decay_mask`).
 One compiled step for the whole run; with a mesh the batch is split over all its devices
 (data parallel, weights replicated).
+
+Adversarial supernet training (`adversarial`: `pgd_at` or `trades`): each candidate is
+attacked on its own (`loss.adversarial_terms` under the vmap over the K candidates, one key
+for all). AdvMoE's alternation is for final training of a model with an image router only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -26,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import hosts, loss, objectives
+from moenas_jax import adversarial, hosts, loss, objectives
 from moenas_jax.search_space import Arch, SearchSpace
 
 
@@ -90,10 +95,17 @@ class SupernetTrainer:
 
   def __init__(self, graphdef: nnx.GraphDef, space: SearchSpace, *, archs_per_step: int,
                optimizer: OptimizerSettings, mesh: Mesh | None = None,
-               objective: objectives.Objective | None = None):
+               objective: objectives.Objective | None = None,
+               adversarial_settings: adversarial.AdversarialSettings | None = None):
     if archs_per_step < 2:
       raise ValueError(f"archs_per_step={archs_per_step}: the sandwich rule needs at least 2 "
                        f"(the largest and the smallest candidate)")
+    method = adversarial_settings or adversarial.AdversarialSettings()
+    if method.method == "advmoe":
+      raise ValueError("supernet training does not alternate routers and backbones (AdvMoE is "
+                       "for final training); use adversarial method 'trades' or 'pgd_at'")
+    terms = (loss.terms if method.method == "none" else
+             functools.partial(loss.adversarial_terms, settings=method))
     self.optimizer = make_optimizer(optimizer)
     self.objective = objectives.Objective.erm() if objective is None else objective
     self.mesh = mesh
@@ -104,7 +116,7 @@ class SupernetTrainer:
       noise_keys = jax.random.split(noise_key, archs_per_step)
 
       def candidates(params):  # the K candidates; their batch-norm statistics averaged
-        ce, aux, correct, states = jax.vmap(lambda arch, noise: loss.terms(
+        ce, aux, correct, states = jax.vmap(lambda arch, noise: terms(
             graphdef, params, state, batch, arch, noise))(archs, noise_keys)  # ce [K, B]
         return ce, aux, correct, jax.tree.map(lambda v: v.mean(axis=0), states)
 

@@ -88,6 +88,7 @@ BAD_VALUES = [
     ("train.adversarial.step_size", 0.5, "is larger than epsilon=0.031"),
     ("train.adversarial.steps", 0, "'trades' needs steps >= 1"),
     ("train.adversarial.beta", -1.0, "must be a finite number"),
+    ("supernet.adversarial.method", "advmoe", "does not alternate routers and backbones"),
 ]
 # Refused once the training split's size is known: after reading the data, before compiling.
 DATA_BAD_VALUES = [
@@ -260,3 +261,14 @@ def test_the_dense_model_trained_alone_takes_config_model():
   assert model.config["width_multiplier"] == 0.5
   assert (model.config["max_experts"], model.config["max_top_k"]) == (1, 1)
   assert model.config["depths"] == (1, 1, 1)  # the smoke supernet's, not the family default
+
+
+def test_the_advmoe_config_passes(tmp_path):
+  from configs import advmoe
+  from moenas_jax import models
+  if "resnet_moe" not in models.MODELS:
+    pytest.skip("the resnet_moe model is not in this checkout")
+  config = advmoe.get_config()
+  settings.check(config, tmp_path)
+  assert settings.adversarial_settings(config, "train").method == "advmoe"
+  assert settings.attack_settings(config, "evaluation.pgd_steps").steps == 10

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from moenas_jax import loop, models, supernet
+from moenas_jax import adversarial, loop, loss, models, supernet
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
 
@@ -55,6 +55,29 @@ def test_a_step_averages_batch_statistics_over_candidates_and_is_deterministic(t
                first_state, expected)
   jax.tree.map(np.testing.assert_array_equal, runs[0][0], runs[1][0])
   assert set(runs[0][1]) >= {"loss", "cross_entropy", "aux_loss", "accuracy_largest"}
+
+
+def test_trades_attacks_each_candidate_in_the_one_compiled_step(tiny_supernet):
+  model, graphdef, params, state = tiny_supernet
+  space = model.search_space()
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.random((4, 28, 28, 3), np.float32),
+           "label": np.array([0, 1, 2, 1], np.int32), "group": np.zeros(4, np.int32)}
+  optimizer = supernet.OptimizerSettings(warmup_steps=2, total_steps=10)
+  trainer = supernet.SupernetTrainer(graphdef, space, archs_per_step=2, optimizer=optimizer,
+                                     adversarial_settings=adversarial.AdversarialSettings("trades"))
+  with count_compilations() as seen:
+    p, s = _copy(params), _copy(state)
+    *_, logs = trainer.step(p, s, trainer.init(p), batch, jax.random.key(0))
+  assert seen.of("supernet_step") == 1
+  # Two candidates: the largest and the dense one. TRADES adds β · KL > 0 to their clean
+  # cross-entropies (no gate noise: the clean forwards are those of `loss.terms`).
+  archs = supernet.sandwich(space, jax.random.key(0), 2)
+  clean = jax.jit(jax.vmap(lambda arch: loss.terms(graphdef, params, state, batch, arch)[0]))
+  assert float(logs["cross_entropy"]) > float(clean(archs).mean()) + 1e-4
+  with pytest.raises(ValueError, match="AdvMoE is for final training"):
+    supernet.SupernetTrainer(graphdef, space, archs_per_step=2, optimizer=optimizer,
+                             adversarial_settings=adversarial.AdversarialSettings("advmoe"))
 
 
 def test_supernet_loss_decreases_on_the_embedded_dataset(tiny_supernet):

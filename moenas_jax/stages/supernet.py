@@ -35,7 +35,8 @@ def train_supernet(config: Any, supernet_model: nnx.Module, data: Data, workdir:
       graphdef, supernet_model.search_space(), archs_per_step=cfg.archs_per_step,
       optimizer=settings.supernet_optimizer(config),
       mesh=population.make_mesh(data_parallel=jax.device_count())
-      if jax.device_count() > 1 else None, objective=objective(config, "supernet", data))
+      if jax.device_count() > 1 else None, objective=objective(config, "supernet", data),
+      adversarial_settings=settings.adversarial_settings(config, "supernet"))
   base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   def step(carry, batch, t):
