@@ -100,7 +100,8 @@ def adversarial_terms(graphdef: nnx.GraphDef, params: Any, state: Any,
                       ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
   """`terms` under attack: per example CE(x_adv) (`pgd_at`) or CE(x) + β · KL(f(x) ‖
   f(x_adv)) (`trades`, and AdvMoE's backbone step, whose attack adds the router's KL).
-  The accuracy is on the adversarial (`pgd_at`) or clean images."""
+  `key` (required) gives the attack's start and the gate noise. The accuracy is on the
+  adversarial (`pgd_at`) or clean images."""
   attack_key, noise_key = jax.random.split(key)
   images = _attack(graphdef, params, state, batch, arch, attack_key, settings,
                    with_router=settings.method == "advmoe")

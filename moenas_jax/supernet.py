@@ -100,12 +100,12 @@ class SupernetTrainer:
     if archs_per_step < 2:
       raise ValueError(f"archs_per_step={archs_per_step}: the sandwich rule needs at least 2 "
                        f"(the largest and the smallest candidate)")
-    method = adversarial_settings or adversarial.AdversarialSettings()
-    if method.method == "advmoe":
+    robust = adversarial_settings or adversarial.AdversarialSettings()
+    if robust.method == "advmoe":
       raise ValueError("supernet training does not alternate routers and backbones (AdvMoE is "
                        "for final training); use adversarial method 'trades' or 'pgd_at'")
-    terms = (loss.terms if method.method == "none" else
-             functools.partial(loss.adversarial_terms, settings=method))
+    terms = (loss.terms if robust.method == "none" else
+             functools.partial(loss.adversarial_terms, settings=robust))
     self.optimizer = make_optimizer(optimizer)
     self.objective = objectives.Objective.erm() if objective is None else objective
     self.mesh = mesh

@@ -98,19 +98,19 @@ class Trainer:
     self.steps_per_epoch = num_examples // settings.batch_size
     optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
     self.objective = objectives.Objective.erm() if objective is None else objective
-    method = settings.adversarial
-    if method.method == "advmoe":
+    robust = settings.adversarial
+    if robust.method == "advmoe":
       optimizers = loss.alternating(optimizer)
 
       def train_step(params, state, opt_state, batch, key, step):
         return loss.advmoe_update(optimizers, self.objective, graphdef, params, state,
-                                  opt_state, batch, jax.random.fold_in(key, step), method)
+                                  opt_state, batch, jax.random.fold_in(key, step), robust)
 
       def init_optimizer(params):
         return tuple(optimizer.init(params) for optimizer in optimizers)
     else:
-      terms = (loss.terms if method.method == "none" else
-               functools.partial(loss.adversarial_terms, settings=method))
+      terms = (loss.terms if robust.method == "none" else
+               functools.partial(loss.adversarial_terms, settings=robust))
 
       def train_step(params, state, opt_state, batch, key, step):
         noise = jax.random.fold_in(key, step)

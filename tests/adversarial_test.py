@@ -244,3 +244,19 @@ def test_advmoe_on_a_model_without_a_router_fails_before_compiling():
   with count_compilations() as seen, pytest.raises(ValueError, match="no top-level 'router'"):
     trainer.fit(params, state, _examples(), seed=0)
   assert seen.of("train_step") == 0
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_adversarial_training_under_group_dro_compiles_one_step(tiny, method):
+  graphdef, params, state = tiny
+  examples = _examples()
+  objective = objectives.Objective(objectives.ObjectiveSettings("group_dro", dro_step_size=1.0),
+                                   CLASSES, 2, [8, 8])
+  settings = train.TrainSettings(**SETTINGS, adversarial=adversarial.AdversarialSettings(
+      method, epsilon=0.3, step_size=0.1))
+  trainer = train.Trainer(graphdef, settings, len(examples["label"]), objective)
+  with count_compilations() as seen:
+    _, _, history = trainer.fit(params, state, examples, seed=0)
+  assert seen.of("train_step") == 1
+  assert [h["epoch"] for h in history] == [1, 2]
+  assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in history)
