@@ -53,7 +53,7 @@ def test_smoke_run_prints_every_row_and_the_summary(tmp_path):
   for row in result["results"]:
     assert 0 <= row["robust_accuracy"] <= 1 and len(row["robust_group_accuracy"]) == 2
   dense, moe = result["results"][0]["macs"], result["results"][1]["macs"]
-  assert moe < dense
+  assert moe <= dense / 2
   summary = result["summary"]["fashion_tones"]
   assert set(summary["paired"]) == {"advmoe_minus_dense", "advmoe_minus_trades_moe"}
   assert summary["seconds_per_epoch"]["moe"]["advmoe"]["vs_standard"] > 1
