@@ -12,6 +12,11 @@ dense and the largest), sorted by MACs, are exported (`export.standalone`) and t
 with the same `latency.time_calls` (repeats interleaved across the candidates). Printed:
 `latency_error`, the mean absolute relative error |predicted − measured| / measured,
 `max_error`, each candidate's predicted and measured ms, the table's device and the seconds.
+`calibration_drift`: the dense and the largest candidate timed again with the others, over
+their table latency (their fit): far from 1, the machine's load changed between the table and
+the validation, and the error shows that, not the table. `latency_error_rescaled`: the error
+with the predictions scaled by the mean drift (a diagnostic for a shared machine; the
+validation candidates play no part in it).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def main() -> None:
   parser.add_argument("--output", required=True, help="where the table (JSON) is written")
   parser.add_argument("--config", default="default", help="a module of configs/")
   parser.add_argument("--batch_size", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--candidates", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
@@ -77,17 +82,22 @@ def main() -> None:
   table_seconds = time.perf_counter() - start
   _log(f"table in {table_seconds:.1f} s (constant {table.constant_ms:.3f} ms); validating")
   start = time.perf_counter()
-  archs = validation_candidates(space, args.candidates, args.seed,
-                                [space.dense(), space.largest()])
+  calibration = [search_space.from_json(arch) for arch in table.method["calibration"]]
+  archs = validation_candidates(space, args.candidates, args.seed, calibration)
   measured = latency.time_calls([latency.model_call(supernet, arch, args.batch_size)
-                                 for arch in archs], repeats=args.repeats, warmup=args.warmup)
+                                 for arch in archs + calibration],
+                                repeats=args.repeats, warmup=args.warmup)
+  measured, drift = measured[:len(archs)], measured[len(archs):]
   predicted = table.latency(search_space.stack(archs))
   errors = np.abs(predicted - measured) / measured
+  drift = drift / table.latency(search_space.stack(calibration))
+  rescaled = np.abs(predicted * drift.mean() - measured) / measured
   print(json.dumps({
       "config": args.config, "batch_size": args.batch_size, "repeats": args.repeats,
       "warmup": args.warmup, "latency_error": float(errors.mean()),
       "max_error": float(errors.max()), "constant_ms": table.constant_ms,
       "fastest_ms": table.minimum_ms(), "device": table.device, "table": args.output,
+      "calibration_drift": drift.tolist(), "latency_error_rescaled": float(rescaled.mean()),
       "candidates": [{"arch": search_space.to_dict(arch), "macs": int(space.macs(arch)),
                       "predicted_ms": float(p), "measured_ms": float(m), "error": float(e)}
                      for arch, p, m, e in zip(archs, predicted, measured, errors)],

@@ -224,7 +224,7 @@ def load(path: str | os.PathLike, expected_device: str = "") -> LatencyTable:
 # Measuring.
 
 def time_calls(calls: Sequence[Callable[[], Any]], *, repeats: int, warmup: int,
-               rounds: int = 5) -> np.ndarray:
+               rounds: int = 10) -> np.ndarray:
   """Median ms of each zero-argument call (blocked until ready), over `repeats` timed calls.
 
   The calls take turns in `rounds` rounds (a slow spell of a shared machine hits them all
@@ -267,7 +267,7 @@ def _layer_call(shape: search_space.MoELayerShape, genes: Sequence[str], choice:
   return lambda: apply(weights, tokens)
 
 
-def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 50,
+def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
                   warmup: int = 5, calibration: Sequence[Arch] | None = None) -> LatencyTable:
   """Times every (layer, choice) of `supernet`'s space and calibrates the constant on the
   `calibration` candidates (default: the dense and the largest) on this process's device."""

@@ -384,7 +384,8 @@ def check(config: Any, data_dir: Any) -> None:
   try:
     spec.check_budget(space, latency_table(config, space))
   except reward.BudgetError as error:
-    field = {"params": "param_budget", "macs": "mac_budget"}.get(error.metric, "latency_budget")
+    field = {"params": "param_budget", "macs": "mac_budget",
+             "latency_ms": "latency_budget"}[error.metric]
     why, _, fix = str(error).partition("; ")
     raise ConfigError(f"reward.{field}", config.reward.get(field), why, fix) from None
 

@@ -1,6 +1,7 @@
 """Tests of the latency table: lookups by hand, JSON, device warnings, budgets, measuring."""
 
 import logging
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ from configs import smoke
 from moenas_jax import latency, models, reward, search, settings
 from moenas_jax.compilation import count_compilations
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace, stack
+from moenas_jax.stages import search as search_stage
 
 SPACE = SearchSpace(max_experts=(3, 2), max_top_k=(2, 2),
                     layers=(MoELayerShape(4, 8, 5), MoELayerShape(6, 4, 3)),
@@ -172,7 +174,7 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   supernet = models.build("mobilevit_v2", rngs=nnx.Rngs(0), num_classes=10,
                           image_size=(28, 28), channels=3, **settings.model_options(config))
   space = supernet.search_space()
-  table = latency.measure_table(supernet, batch_size=1, repeats=5, warmup=1)
+  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1)
   table.check(space)
   entries = [ms for row in table.layers.values() for ms in row["ms"].values()]
   assert len(entries) == 3 * 5 and all(ms > 0 for ms in entries)  # 3 layers, 5 choices each
@@ -184,3 +186,22 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   np.testing.assert_allclose(table.latency(population),
                              [table.latency(arch) for arch in
                               [jax.tree.map(lambda v, i=i: v[i], population) for i in range(4)]])
+
+
+def test_the_search_scores_latency_ms_from_the_table(tmp_path):
+  space = _smoke_space()
+  latency.save(tmp_path / "table.json", _table(space))
+  config = smoke.get_config()
+  config.search.latency_table, config.reward.latency_budget = str(tmp_path / "table.json"), 6.9
+  evaluator = SimpleNamespace(evaluate=lambda *args: {
+      name: np.array([0.8, 0.8]) for name in ("accuracy", "disparity", "robustness",
+                                             "generalization_gap")})
+  score = search_stage.candidate_scorer(config, evaluator, None, None, space,
+                                        SimpleNamespace(search=None, held=None, robust=None))
+  dense = Arch(np.ones(3, np.int32), np.ones(3, np.int32))
+  records = score(stack([dense, space.largest()]), np.arange(2), 0)
+  # Dense: 1.11 + 2.11 + 3.11 + 0.5 = 6.83 ms; largest (3, 2) everywhere: 1.32 + 2.32 + 3.32
+  # + 0.5 = 7.46 ms, over the 6.9 budget: the infeasible floor −(1 + 1 + 0.5) − (7.46/6.9 − 1).
+  np.testing.assert_allclose([r["metrics"]["latency_ms"] for r in records], [6.83, 7.46])
+  np.testing.assert_allclose([r["reward"] for r in records],
+                             [0.8 - 0.8 + 0.4 - 0.4, -2.5 - (7.46 / 6.9 - 1)])
