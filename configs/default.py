@@ -103,6 +103,12 @@ def get_config() -> ml_collections.ConfigDict:
       # too) when scoring candidates: adds adversarial_accuracy (and its group accuracies and
       # disparity) to the metrics, for config.reward.terms; 0 = off.
       pgd_steps=0,
+      # Measured latency (moenas_jax/latency.py): a table built on the target device with
+      # python -m benchmarks.latency --config=<this config> --output=<file>; "" = none. With
+      # a table every candidate gets latency_ms (an objective; reward.latency_budget caps it).
+      # latency_device: a part of the device name the table must have (e.g. "EPYC"); "" =
+      # this machine. A table from another device gives a warning, not an error.
+      latency_table="", latency_device="",
   ))
 
   # reward = accuracy - disparity·d + robustness·r - max(gap, 0)·g + worst_cell·w
@@ -111,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
       param_budget=None, mac_budget=None))
   config.reward.param_budget = ml_collections.FieldReference(None, field_type=int)
   config.reward.mac_budget = ml_collections.FieldReference(None, field_type=int)
+  # Milliseconds per batch of the table's batch size (needs search.latency_table).
+  config.reward.latency_budget = ml_collections.FieldReference(None, field_type=float)
 
   config.prune = ml_collections.ConfigDict(dict(min_fraction=0.05))
 

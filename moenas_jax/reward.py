@@ -24,14 +24,16 @@ derives from it:
   over any budget of its spec. That is the one place where infeasible candidates are filtered.
 
 `spec_from_config(config.reward)` is the search's table, from the config section's fields
-disparity, robustness, gap, worst_cell, param_budget, mac_budget (and optional `terms`):
+disparity, robustness, gap, worst_cell, param_budget, mac_budget, latency_budget (and optional
+`terms`):
 
     reward = accuracy − λ_disp · disparity + λ_rob · robustness − λ_gap · max(gap, 0)
              + λ_cell · worst_cell_accuracy
 
 over the objectives accuracy ↑, disparity ↓, robustness ↑, generalization_gap ↓, worst cell
 accuracy ↑ (only when λ_cell > 0), params ↓ (budget param_budget), MACs ↓ (only when mac_budget
-is set). Its floor is −(1 + λ_disp + λ_gap).
+is set), latency_ms ↓ (budget latency_budget; when it is set or `latency_objective`: a search
+with a latency table). Its floor is −(1 + λ_disp + λ_gap).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,9 @@ import numpy as np
 
 from moenas_jax import metrics as metrics_lib
 from moenas_jax.search_space import SearchSpace
+
+if TYPE_CHECKING:
+  from moenas_jax.latency import LatencyTable
 
 DIRECTIONS = ("max", "min")
 
@@ -66,8 +71,8 @@ class Metric:
   hinge: float | None = None
 
 
-# The metrics a table may hold (names of metrics.py, evaluate.py and SearchSpace costs). A new
-# metric is one entry here, e.g. a measured latency "latency_ms": Metric("min", None).
+# The metrics a table may hold (names of metrics.py, evaluate.py, SearchSpace costs and the
+# latency table's `latency_ms`, moenas_jax/latency.py). A new metric is one entry here.
 METRICS: dict[str, Metric] = {
     "accuracy": Metric("max"),
     "worst_group_accuracy": Metric("max"),
@@ -79,6 +84,7 @@ METRICS: dict[str, Metric] = {
     "generalization_gap": Metric("min", (-1.0, 1.0), hinge=0.0),
     "params": Metric("min", None),
     "macs": Metric("min", None),
+    "latency_ms": Metric("min", None),
 }
 
 
@@ -283,26 +289,45 @@ class RewardSpec:
     feasible, excess = self.within_budget(metrics), self.budget_excess(metrics)
     return _xp(value, feasible, excess).where(feasible, value, self.infeasible_floor - excess)
 
-  def check_budget(self, space: SearchSpace) -> None:
-    """Refuses, before anything compiles, a params or MACs budget no candidate can meet.
+  def check_budget(self, space: SearchSpace, latency_table: LatencyTable | None = None) -> None:
+    """Refuses, before anything compiles, a params, MACs or latency budget no candidate can
+    meet (`BudgetError`), and a latency term without a `latency_table`.
 
     The smallest candidate is `space.dense()` (one expert, top-1 in every layer): parameters
     grow with every expert count and MACs with every expert count and top-k (see
-    `SearchSpace.params` and `SearchSpace.macs`).
+    `SearchSpace.params` and `SearchSpace.macs`). The fastest latency is the table's sum of
+    per-layer minima plus its constant (`LatencyTable.minimum_ms`).
     """
-    counts = {"params": (space.params, "parameters"), "macs": (space.macs, "MACs per image")}
+    if latency_table is None and "latency_ms" in {term.metric for term in self.terms}:
+      raise BudgetError("latency_ms", "a latency_ms term needs a latency table; build one "
+                        "with python -m benchmarks.latency --output=<file> on the target "
+                        "device and give it (config.search.latency_table)")
+    counts = {"params": (lambda: int(space.params(space.dense())), "parameters", ","),
+              "macs": (lambda: int(space.macs(space.dense())), "MACs per image", ","),
+              "latency_ms": (lambda: latency_table.minimum_ms(), "ms", ".4g")}
     for term in self.budgets:
       if term.metric not in counts:
         continue
-      count, unit = counts[term.metric]
-      minimum = int(count(space.dense()))
+      count, unit, spec = counts[term.metric]
+      minimum = count()
       if term.budget < minimum:
         field = _CONFIG_FIELD_OF.get(term.metric)
         where = f" (config.reward.{field})" if field else ""
-        raise ValueError(f"the {term.metric} budget {term.budget:,} is below the {minimum:,} "
-                         f"{unit} of the smallest candidate (the dense model: one expert, top-1 "
-                         f"in every layer), so no candidate fits; raise it{where} to at least "
-                         f"{minimum:,} or search a smaller supernet")
+        smallest = ("fastest candidate (per layer its fastest choice, plus the table's "
+                    "constant)" if term.metric == "latency_ms" else "smallest candidate (the "
+                    "dense model: one expert, top-1 in every layer)")
+        raise BudgetError(term.metric, f"the {term.metric} budget {term.budget:{spec}} is "
+                          f"below the {minimum:{spec}} {unit} of the {smallest}, so no "
+                          f"candidate fits; raise it{where} to at least {minimum:{spec}} or "
+                          f"search a smaller supernet")
+
+
+class BudgetError(ValueError):
+  """A budget no candidate meets, or one that cannot be checked; `metric` names its term."""
+
+  def __init__(self, metric: str, message: str):
+    super().__init__(message)
+    self.metric = metric
 
 
 # The config section `config.reward`: its fields, their defaults and the metric of each.
@@ -318,20 +343,22 @@ class RewardSpec:
 # {"adversarial_accuracy": {"weight": 0.3}}).
 CONFIG_DEFAULTS: dict[str, Any] = {"disparity": 1.0, "robustness": 0.5, "gap": 0.5,
                                    "worst_cell": 0.0, "param_budget": None, "mac_budget": None,
-                                   "terms": {}}
+                                   "latency_budget": None, "terms": {}}
 _CONFIG_METRIC = {"disparity": "disparity", "robustness": "robustness",
                   "gap": "generalization_gap", "worst_cell": "worst_cell_accuracy",
-                  "param_budget": "params", "mac_budget": "macs"}
+                  "param_budget": "params", "mac_budget": "macs",
+                  "latency_budget": "latency_ms"}
 _CONFIG_FIELD_OF = {metric: field for field, metric in _CONFIG_METRIC.items()}
 
 
-def spec_from_config(config: Any = None) -> RewardSpec:
+def spec_from_config(config: Any = None, *, latency_objective: bool = False) -> RewardSpec:
   """The search's table from `config.reward` (a ConfigDict or mapping with some of the fields
   of `CONFIG_DEFAULTS`; unknown names are refused): the module docstring's reward.
 
   Accuracy has weight 1. Disparity, robustness, the gap and params are always objectives (a
   weight of 0 keeps them as objectives only); worst cell accuracy joins when its weight is
-  > 0, MACs when mac_budget is set.
+  > 0, MACs when mac_budget is set, latency_ms when latency_budget is set or
+  `latency_objective` (the search has a latency table).
   """
   given = {} if config is None else dict(config.items())
   unknown = sorted(set(given) - set(CONFIG_DEFAULTS))
@@ -356,6 +383,8 @@ def spec_from_config(config: Any = None) -> RewardSpec:
   terms.append(term("param_budget", budget=values["param_budget"]))
   if values["mac_budget"] is not None:
     terms.append(term("mac_budget", budget=values["mac_budget"]))
+  if values["latency_budget"] is not None or latency_objective:
+    terms.append(term("latency_budget", budget=values["latency_budget"]))
   try:
     extra = _terms(values["terms"])
   except ValueError as error:

@@ -9,7 +9,7 @@ Both raise `ConfigError`, whose message is `config.<field>=<value>: <why>; <fix>
 launchers print it as one `error: …` line and exit with status 2.
 
 The builders (`supernet_optimizer`, `train_settings`, `adversarial_settings`,
-`attack_settings`, `proxy_settings`, `controller_options`, `reward_spec`,
+`attack_settings`, `proxy_settings`, `controller_options`, `reward_spec`, `latency_table`,
 `objective_settings`, `lighting_set`, `model_options`) are the one place
 a config section becomes the typed settings of the module that uses it.
 """
@@ -29,11 +29,13 @@ from moenas_jax import (
   adversarial,
   bayesopt,
   controllers,
+  latency,
   loss,
   models,
   objectives,
   proxy,
   reward,
+  search_space,
   supernet,
   train,
 )
@@ -207,11 +209,33 @@ def controller_options(config: Any) -> dict[str, Any]:
 
 
 def reward_spec(config: Any) -> reward.RewardSpec:
-  """The table of reward terms, budgets and Pareto objectives of `config.reward`."""
+  """The table of reward terms, budgets and Pareto objectives of `config.reward` (latency_ms
+  an objective whenever `config.search.latency_table` is set)."""
   try:
-    return reward.spec_from_config(config.reward)
+    return reward.spec_from_config(config.reward,
+                                   latency_objective=bool(_latency_path(config)))
   except ValueError as error:
     raise ConfigError("reward", config.reward, str(error), "fix that field") from None
+
+
+def _latency_path(config: Any) -> str:
+  return config.search.get("latency_table", "")  # a config.json older than the field: ""
+
+
+def latency_table(config: Any, space: search_space.SearchSpace) -> latency.LatencyTable | None:
+  """`config.search.latency_table` loaded (None: no table) and checked against `space`; a
+  table measured on another device than `config.search.latency_device` logs a warning."""
+  path = _latency_path(config)
+  if not path:
+    return None
+  try:
+    table = latency.load(path, config.search.get("latency_device", ""))
+    table.check(space)
+  except (ValueError, KeyError, TypeError) as error:
+    raise ConfigError("search.latency_table", path, str(error).partition("; ")[0],
+                      f"build it with python -m benchmarks.latency --output={path} "
+                      f"--config=<this config> on the target device") from None
+  return table
 
 
 def lighting_set(severities: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -298,6 +322,14 @@ def _check_search_section(config: Any) -> None:
   _check_bo_fields(config, batch)
   _integer(config, "search.optuna_startup_trials", 1, "e.g. 16 (two batches of 8)")
   _check_llm_fields(config)
+  path = _latency_path(config)
+  if not isinstance(path, str) or (path and not Path(path).is_file()):
+    raise ConfigError("search.latency_table", path, "is not a file", "build the table with "
+                      "python -m benchmarks.latency --output=<file> on the target device, or "
+                      "'' for none")
+  if not isinstance(config.search.get("latency_device", ""), str):
+    raise ConfigError("search.latency_device", config.search.latency_device, "must be a "
+                      "string", "a part of the target's name, e.g. 'EPYC', or '' for this one")
 
 
 def _check_llm_fields(config: Any) -> None:
@@ -341,8 +373,8 @@ def _check_controller(config: Any) -> None:
 def _check_reward_section(config: Any) -> reward.RewardSpec:
   for name in ("disparity", "robustness", "gap", "worst_cell"):
     _number(config, f"reward.{name}", "a weight >= 0 (0 turns the term off)", high=1e6)
-  for name in ("param_budget", "mac_budget"):
-    value = config.reward[name]
+  for name in ("param_budget", "mac_budget", "latency_budget"):
+    value = config.reward.get(name)
     if value is not None and not (_is_number(value) and value > 0):
       raise ConfigError(f"reward.{name}", value, "must be a positive number", "or None for "
                         "no budget")
@@ -415,11 +447,12 @@ def check(config: Any, data_dir: Any) -> None:
                       f"the backbone, but model {config.model.name!r} has no image router "
                       f"(a top-level 'router')", "use 'trades' or model resnet_moe")
   try:
-    spec.check_budget(space)
-  except ValueError as error:
-    field = "param_budget" if str(error).startswith("the params budget") else "mac_budget"
+    spec.check_budget(space, latency_table(config, space))
+  except reward.BudgetError as error:
+    field = {"params": "param_budget", "macs": "mac_budget",
+             "latency_ms": "latency_budget"}[error.metric]
     why, _, fix = str(error).partition("; ")
-    raise ConfigError(f"reward.{field}", config.reward[field], why, fix) from None
+    raise ConfigError(f"reward.{field}", config.reward.get(field), why, fix) from None
 
 
 def check_data(config: Any, train_size: int, unit_check: Callable[[str], Any],

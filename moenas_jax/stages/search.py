@@ -48,8 +48,10 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
                      state: Any, space: search_space.SearchSpace, data: Data, *,
                      tuner: proxy.ProxyTuner | None = None,
                      log: Callable[[str], None] = logging.info) -> controllers.Score:
-  """The search's `score(archs, todo, cycle)`: validation metrics and reward of a batch."""
+  """The search's `score(archs, todo, cycle)`: validation metrics and reward of a batch
+  (with `config.search.latency_table`, also each candidate's `latency_ms` from the table)."""
   spec = settings.reward_spec(config)
+  table = settings.latency_table(config, space)
   proxy_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   # One attack key for every cycle and candidate: scores stay comparable across cycles.
   attack_key = jax.random.fold_in(jax.random.key(config.seed), 7)
@@ -64,6 +66,8 @@ def candidate_scorer(config: Any, evaluator: population.PopulationEvaluator, par
     scores = evaluator.evaluate(*weights, archs, data.search, data.held, data.robust,
                                 attack_key=attack_key)
     scores["params"], scores["macs"] = space.params(archs), space.macs(archs)
+    if table is not None:
+      scores["latency_ms"] = table.latency(archs)
     rewards = np.asarray(spec.reward(scores), np.float64)
     return [{"metrics": metrics.to_python({k: v[i] for k, v in scores.items()}),
              "reward": float(rewards[i])} for i in todo]

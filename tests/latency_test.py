@@ -1,0 +1,207 @@
+"""Tests of the latency table: lookups by hand, JSON, device warnings, budgets, measuring."""
+
+import logging
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import smoke
+from moenas_jax import latency, models, reward, search, settings
+from moenas_jax.compilation import count_compilations
+from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace, stack
+from moenas_jax.stages import search as search_stage
+
+SPACE = SearchSpace(max_experts=(3, 2), max_top_k=(2, 2),
+                    layers=(MoELayerShape(4, 8, 5), MoELayerShape(6, 4, 3)),
+                    base_params=100, base_macs=1000)
+DENSE = Arch(np.array([1, 1], np.int32), np.array([1, 1], np.int32))
+MIXED = Arch(np.array([3, 2], np.int32), np.array([2, 1], np.int32))
+LARGEST = Arch(np.array([3, 2], np.int32), np.array([2, 2], np.int32))
+
+
+def _table(space, device=None, constant_ms=0.5):
+  """Layer l at (n, k) takes (l + 1) + 0.1 n + 0.01 k ms."""
+  layers = {name: {"shape": [shape.dim, shape.hidden, shape.tokens],
+                   "ms": {(n, k): (layer + 1) + 0.1 * n + 0.01 * k
+                          for n, k in latency.layer_choices(space, layer)}}
+            for layer, (name, shape) in enumerate(zip(latency.layer_names(space), space.layers))}
+  return latency.LatencyTable(("num_experts", "top_k"), layers, constant_ms, 1,
+                              device or latency.device_description(), {"repeats": 3})
+
+
+def test_each_layer_has_the_choices_of_the_space():
+  assert latency.layer_choices(SPACE, 0) == ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
+  assert latency.layer_choices(SPACE, 1) == ((1, 1), (2, 1), (2, 2))
+  assert latency.layer_names(SPACE) == ("moe0", "moe1")
+
+
+def test_latency_is_the_sum_of_the_entries_plus_the_constant():
+  table = _table(SPACE)
+  # MIXED: (1 + 0.3 + 0.02) + (2 + 0.2 + 0.01) + 0.5 = 4.03; DENSE: 1.11 + 2.11 + 0.5 = 3.72;
+  # LARGEST: 1.32 + 2.22 + 0.5 = 4.04.
+  np.testing.assert_allclose(table.latency(MIXED), 4.03, rtol=1e-12)
+  np.testing.assert_allclose(table.latency(stack([DENSE, MIXED, LARGEST])), [3.72, 4.03, 4.04],
+                             rtol=1e-12)
+  np.testing.assert_allclose(table.minimum_ms(), 3.72, rtol=1e-12)
+  with pytest.raises(ValueError, match=r"no entry for \('num_experts', 'top_k'\) = \(4, 1\) "
+                                       r"of layer moe1"):
+    table.latency(Arch(np.array([1, 4]), np.array([1, 1])))
+  with pytest.raises(ValueError, match="the latency table has 2 layers, the arch 3"):
+    table.latency(Arch(np.ones(3, np.int32), np.ones(3, np.int32)))
+
+
+def test_json_round_trip(tmp_path):
+  table = _table(SPACE)
+  latency.save(tmp_path / "table.json", table)
+  assert latency.load(tmp_path / "table.json") == table
+  assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # no temporary file left
+  (tmp_path / "bad.json").write_text('{"genes": []}')
+  with pytest.raises(ValueError, match=r"is not a latency table \(missing \['constant_ms'"):
+    latency.load(tmp_path / "bad.json")
+  with pytest.raises(FileNotFoundError, match="build one with python -m benchmarks.latency"):
+    latency.load(tmp_path / "none.json")
+
+
+def test_a_table_from_another_device_warns_naming_both(tmp_path, caplog):
+  here = latency.device_description()
+  other = {**here, "cpu": "Raspberry Pi Cortex-A76", "cores": 4}
+  latency.save(tmp_path / "here.json", _table(SPACE))
+  latency.save(tmp_path / "other.json", _table(SPACE, other))
+  with caplog.at_level(logging.WARNING):
+    latency.load(tmp_path / "here.json")
+    latency.load(tmp_path / "other.json", expected_device="cortex-a76")
+    assert not caplog.records
+    latency.load(tmp_path / "other.json")
+    latency.load(tmp_path / "here.json", expected_device="TPU v5")
+  first, second = (record.getMessage() for record in caplog.records)
+  assert "measured on cpu (cpu), Raspberry Pi Cortex-A76, 4 cores" in first
+  assert f"but this is {latency.device_name(here)}" in first
+  assert f"measured on {latency.device_name(here)}, not on the expected device 'TPU v5'" in second
+
+
+def test_a_table_of_another_supernet_is_refused():
+  table = _table(SPACE)
+  table.check(SPACE)
+  wider = SearchSpace((3, 2), (2, 2), (MoELayerShape(4, 8, 5), MoELayerShape(8, 4, 3)), 0, 0)
+  with pytest.raises(ValueError, match=r"layer moe1 was measured at \[D, H, T\] = \[6, 4, 3\], "
+                                       r"the supernet's is \[8, 4, 3\]"):
+    table.check(wider)
+  more = SearchSpace((3, 3), (2, 2), SPACE.layers, 0, 0)
+  with pytest.raises(ValueError, match=r"layer moe1 has choices .* the supernet .*\(3, 2\)"):
+    table.check(more)
+  deeper = SearchSpace((3, 2, 2), (2, 2, 2), SPACE.layers + SPACE.layers[1:], 0, 0)
+  with pytest.raises(ValueError, match=r"has layers \['moe0', 'moe1'\].*the supernet "
+                                       r"\['moe0', 'moe1', 'moe2'\]"):
+    table.check(deeper)
+
+
+def test_a_latency_budget_below_the_fastest_candidate_or_without_a_table_is_refused():
+  table = _table(SPACE)
+  reward.spec_from_config({"latency_budget": 3.72}).check_budget(SPACE, table)
+  with pytest.raises(reward.BudgetError, match=r"the latency_ms budget 3.7 is below the 3.72 "
+                                               r"ms of the fastest candidate .*raise it "
+                                               r"\(config.reward.latency_budget\)"):
+    reward.spec_from_config({"latency_budget": 3.7}).check_budget(SPACE, table)
+  with pytest.raises(reward.BudgetError, match="a latency_ms term needs a latency table"):
+    reward.spec_from_config({"latency_budget": 5.0}).check_budget(SPACE)
+
+
+def test_the_reward_counts_a_candidate_over_the_latency_budget_infeasible():
+  spec = reward.spec_from_config({"disparity": 0, "robustness": 0, "gap": 0,
+                                  "latency_budget": 4.0})
+  assert spec.objectives[-1] == ("latency_ms", "min")
+  metrics = {"accuracy": np.array([0.9, 0.8, 0.7]),
+             "latency_ms": _table(SPACE).latency(stack([DENSE, MIXED, LARGEST]))}
+  # Latencies 3.72, 4.03, 4.04 against 4.0; floor −1 (accuracy's least is 0): the two over it
+  # get −1 − (4.03 / 4 − 1) = −1.0075 and −1 − (4.04 / 4 − 1) = −1.01.
+  np.testing.assert_array_equal(spec.within_budget(metrics), [True, False, False])
+  np.testing.assert_allclose(spec.reward(metrics), [0.9, -1.0075, -1.01], rtol=1e-12)
+  archive = reward.ParetoArchive(spec)
+  assert not archive.add({"arch": {"a": 1}, "metrics": {"accuracy": 0.8, "params": 1,
+                                                        "disparity": 0, "robustness": 0,
+                                                        "generalization_gap": 0,
+                                                        "latency_ms": 4.03}})
+  objectives = reward.spec_from_config({}, latency_objective=True).objectives
+  assert objectives[-1] == ("latency_ms", "min")
+  assert ("latency_ms", "min") not in reward.spec_from_config({}).objectives
+
+
+def _smoke_space():
+  config = smoke.get_config()
+  return nnx.eval_shape(lambda: models.build(
+      "mobilevit_v2", rngs=nnx.Rngs(0), num_classes=10, image_size=(28, 28), channels=3,
+      **settings.model_options(config))).search_space()
+
+
+def test_the_config_checks_the_table_and_the_budget_before_compiling(tmp_path):
+  path = tmp_path / "table.json"
+  latency.save(path, _table(_smoke_space()))
+  cases = [
+      # A budget without a table.
+      ({"reward.latency_budget": 1.0}, "reward.latency_budget",
+       "needs a latency table"),
+      # Below the fastest: (1.11 + 2.11 + 3.11) + 0.5 = 6.83 ms.
+      ({"search.latency_table": str(path), "reward.latency_budget": 6.8},
+       "reward.latency_budget", "is below the 6.83 ms of the fastest candidate"),
+      ({"search.latency_table": str(tmp_path / "none.json")}, "search.latency_table",
+       "is not a file"),
+  ]
+  latency.save(tmp_path / "small.json", _table(SPACE))
+  cases.append(({"search.latency_table": str(tmp_path / "small.json")}, "search.latency_table",
+                r"has layers \['moe0', 'moe1'\]"))
+  for values, field, message in cases:
+    config = smoke.get_config()
+    for name, value in values.items():
+      section, key = name.split(".")
+      config[section][key] = value
+    with count_compilations() as compiled, pytest.raises(settings.ConfigError,
+                                                         match=message) as error:
+      search.run_search(config, tmp_path / "run")
+    assert error.value.field == field
+    assert compiled.names == []
+    assert not (tmp_path / "run").exists()
+  config = smoke.get_config()
+  config.search.latency_table, config.reward.latency_budget = str(path), 6.83
+  settings.check(config, tmp_path)
+  assert settings.reward_spec(config).budgets[-1].metric == "latency_ms"
+
+
+def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
+  config = smoke.get_config()
+  supernet = models.build("mobilevit_v2", rngs=nnx.Rngs(0), num_classes=10,
+                          image_size=(28, 28), channels=3, **settings.model_options(config))
+  space = supernet.search_space()
+  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1)
+  table.check(space)
+  entries = [ms for row in table.layers.values() for ms in row["ms"].values()]
+  assert len(entries) == 3 * 5 and all(ms > 0 for ms in entries)  # 3 layers, 5 choices each
+  assert np.isfinite(table.constant_ms)
+  assert table.device == latency.device_description() and table.batch_size == 1
+  assert table.method["calibration"] == [{"num_experts": [1, 1, 1], "top_k": [1, 1, 1]},
+                                         {"num_experts": [3, 3, 3], "top_k": [2, 2, 2]}]
+  population = space.sample_population(jax.random.key(0), 4)
+  np.testing.assert_allclose(table.latency(population),
+                             [table.latency(arch) for arch in
+                              [jax.tree.map(lambda v, i=i: v[i], population) for i in range(4)]])
+
+
+def test_the_search_scores_latency_ms_from_the_table(tmp_path):
+  space = _smoke_space()
+  latency.save(tmp_path / "table.json", _table(space))
+  config = smoke.get_config()
+  config.search.latency_table, config.reward.latency_budget = str(tmp_path / "table.json"), 6.9
+  evaluator = SimpleNamespace(evaluate=lambda *args, **kwargs: {
+      name: np.array([0.8, 0.8]) for name in ("accuracy", "disparity", "robustness",
+                                             "generalization_gap")})
+  score = search_stage.candidate_scorer(config, evaluator, None, None, space,
+                                        SimpleNamespace(search=None, held=None, robust=None))
+  dense = Arch(np.ones(3, np.int32), np.ones(3, np.int32))
+  records = score(stack([dense, space.largest()]), np.arange(2), 0)
+  # Dense: 1.11 + 2.11 + 3.11 + 0.5 = 6.83 ms; largest (3, 2) everywhere: 1.32 + 2.32 + 3.32
+  # + 0.5 = 7.46 ms, over the 6.9 budget: the infeasible floor −(1 + 1 + 0.5) − (7.46/6.9 − 1).
+  np.testing.assert_allclose([r["metrics"]["latency_ms"] for r in records], [6.83, 7.46])
+  np.testing.assert_allclose([r["reward"] for r in records],
+                             [0.8 - 0.8 + 0.4 - 0.4, -2.5 - (7.46 / 6.9 - 1)])
