@@ -20,16 +20,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moenas_jax import checkpoint, hosts, models, search_space
-from moenas_jax.models.mobilevit import MobileViTV2
 from moenas_jax.search_space import Arch
 
 
-def standalone(supernet: MobileViTV2, arch: Arch) -> MobileViTV2:
+def standalone(supernet: nnx.Module, arch: Arch) -> nnx.Module:
   """The candidate `arch` as its own model: layer l keeps its first num_experts[l] experts.
 
-  Every other weight and running statistic is copied as is. Called without an arch, the
-  result computes what the supernet computes under `arch` (up to capacity: the standalone
-  layers have exactly the Switch capacity of their own sizes).
+  The supernet's own class (any MoE family whose config has per-layer `max_experts` and
+  `max_top_k`) built with the candidate's values as its maxima. Expert arrays keep their
+  first experts: [E, ...] feed-forward weights, [D, E] router columns, and the first n · W
+  output channels of a conv expert layer (`conv_moe`: `resnet_moe`, `vgg_moe`), whose image
+  router keeps the first max(n) score columns (none if every n is 1). Every other weight and running
+  statistic is copied as is. Called without an arch, the result computes what the supernet
+  computes under `arch` (for MoE feed-forwards up to capacity: the standalone layers have
+  exactly the Switch capacity of their own sizes).
   """
   arch = supernet.search_space().validate(arch)
   if arch.num_experts.ndim != 1:
@@ -37,10 +41,10 @@ def standalone(supernet: MobileViTV2, arch: Arch) -> MobileViTV2:
                      f"{arch.num_experts.shape}; unstack it first")
   config = {**supernet.config, "max_experts": tuple(arch.num_experts.tolist()),
             "max_top_k": tuple(arch.top_k.tolist())}
-  model = nnx.eval_shape(lambda: MobileViTV2(**config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: type(supernet)(**config, rngs=nnx.Rngs(0)))
   state = nnx.state(model)
-  # Expert arrays ([E, ...]) and router columns ([D, E]) shrink to the candidate's sizes; a
-  # one-expert layer has no router; everything else keeps its shape.
+  # Expert arrays, channel blocks and router columns shrink to the candidate's sizes (a
+  # prefix of each axis); one-expert layers have no router; everything else keeps its shape.
   nnx.replace_by_pure_dict(state, _cut(nnx.to_pure_dict(state),
                                        nnx.to_pure_dict(nnx.state(supernet))))
   nnx.update(model, state)

@@ -7,7 +7,9 @@ one) and lowers the candidate's `num_experts` to their count. A candidate uses t
 experts of a layer, so the kept experts move to the front in their original order, with the
 router's columns, and the removed ones follow. The result is still the supernet's state, with
 the same shapes (the compiled evaluators still fit); `export.standalone` of the pruned arch is
-the smaller model.
+the smaller model. In the conv-MoE families (`resnet_moe`, `vgg_moe`) one image router serves
+every layer, so the experts are pathways and the order is shared by all layers
+(`_prune_pathways`); usage counts images.
 
 Axis letters: B batch · D width · E experts (E_max of the layer) · L MoE layers.
 """
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from moenas_jax import hosts, models, moe
+from moenas_jax.models import resnet_moe, vgg_moe
 from moenas_jax.data import pipeline
 from moenas_jax.search_space import Arch
 
@@ -109,8 +112,10 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
   if not 0.0 <= min_fraction <= 1.0:  # also rejects NaN
     raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]: the least share of a "
                      f"layer's routed choices that keeps an expert (e.g. 0.05)")
-  layers = _moe_params(params)
-  sizes = [_num_experts(leaves) for leaves in layers.values()]
+  conv_blocks = _conv_blocks(params)
+  layers = {} if conv_blocks else _moe_params(params)
+  sizes = ([experts for experts, _, _ in conv_blocks] if conv_blocks
+           else [_num_experts(leaves) for leaves in layers.values()])
   num_experts, top_k = moe.check_arch(arch.num_experts, arch.top_k, max_experts=max(sizes),
                                       max_top_k=max(sizes))
   if num_experts.shape != (len(sizes),):
@@ -120,13 +125,16 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
     raise ValueError(f"usage must hold one array per MoE layer of shapes "
                      f"{[(e,) for e in sizes]} (from expert_usage), got shapes "
                      f"{[np.shape(u) for u in usage]}")
+  for layer, (n, size) in enumerate(zip(num_experts, sizes)):
+    if n > size:
+      raise ValueError(f"num_experts[{layer}] = {n} exceeds the {size} experts of MoE layer "
+                       f"{layer}")
+  if conv_blocks:
+    return _prune_pathways(params, num_experts, top_k, usage, min_fraction, conv_blocks)
   axes = _expert_axes()
   permuted, report = {}, []
   for layer, ((path, leaves), size) in enumerate(zip(layers.items(), sizes)):
     n, k = int(num_experts[layer]), int(top_k[layer])
-    if n > size:
-      raise ValueError(f"num_experts[{layer}] = {n} exceeds the {size} experts of MoE layer "
-                       f"{path}")
     share = np.asarray(usage[layer], np.float64)[:n]
     kept = [e for e in range(n) if share[e] >= min_fraction] or [int(np.argmax(share))]
     removed = [e for e in range(n) if e not in kept]
@@ -141,6 +149,59 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
   new_params = nnx.map_state(
       lambda path, variable: variable.copy(permuted.get(path, variable.get_value())), params)
   return new_params, Arch(num_experts, top_k), report
+
+
+def _conv_blocks(params: nnx.State) -> list[tuple[int, int, list[Path]]]:
+  """(E, W, kernel paths) of each convolutional MoE layer of a conv-MoE model (`resnet_moe`,
+  `vgg_moe`) with a router ([] for another family): its kernels hold E channel blocks of W."""
+  for family in (resnet_moe, vgg_moe):
+    blocks = family.expert_layers(params)
+    if blocks:
+      return blocks
+  return []
+
+
+def _prune_pathways(params: nnx.State, num_experts: np.ndarray, top_k: np.ndarray,
+                    usage: list[np.ndarray], min_fraction: float,
+                    blocks: list[tuple[int, int, list[Path]]]
+                    ) -> tuple[nnx.State, Arch, list[dict]]:
+  """`prune` for one image router shared by every MoE layer (`conv_moe`): experts are
+  pathways.
+
+  Every layer scores the experts with the same router columns, so one order serves all:
+  the experts that some layer keeps (share ≥ min_fraction of its images, or its most used
+  one) go first in their original order, then the rest. A layer's kept experts are those of
+  its first n that any layer keeps, a prefix of that order; its n drops to their count. The
+  router head's columns and each layer's channel blocks (of all its convs) are permuted
+  alike (a layer with E < E_r experts takes the order's experts below E, which agrees with
+  the router on the kept prefix: the only experts the pruned arch uses).
+  """
+  keep = set()
+  for n, share in zip(num_experts, usage):
+    keep |= {e for e in range(n) if share[e] >= min_fraction}
+  for n, share in zip(num_experts, usage):
+    if not keep & set(range(n)):
+      keep.add(int(np.argmax(share[:n])))
+  order = sorted(keep) + [e for e in range(max(e for e, _, _ in blocks)) if e not in keep]
+  permuted, report = {}, []
+  for b, ((experts, width, kernels), n, k) in enumerate(zip(blocks, num_experts.tolist(),
+                                                            top_k.tolist())):
+    kept = [e for e in sorted(keep) if e < n]
+    num_experts[b], top_k[b] = len(kept), min(k, len(kept))
+    report.append({"usage": np.asarray(usage[b], np.float64)[:n].tolist(), "kept": kept,
+                   "removed": [e for e in range(n) if e not in keep],
+                   "num_experts": (n, len(kept)), "top_k": (k, int(top_k[b]))})
+    channels = (np.asarray([e for e in order if e < experts])[:, None] * width
+                + np.arange(width)).ravel()
+    for path in kernels:
+      permuted[path] = channels
+  if any(layer["removed"] for layer in report):
+    permuted[("router", "head", "kernel")] = permuted[("router", "head", "bias")] = order
+    params = nnx.map_state(
+        lambda path, variable: variable.copy(
+            jnp.take(variable.get_value(), np.asarray(permuted[path]), axis=-1)
+            if path in permuted else variable.get_value()), params)
+  return params, Arch(num_experts, top_k), report
 
 
 def _block_params(max_experts: int) -> list[tuple[Path, nnx.Variable]]:

@@ -119,11 +119,83 @@ def unstack(population: Arch) -> list[Arch]:
 
 @dataclasses.dataclass(frozen=True)
 class MoELayerShape:
-  """One MoE feed-forward layer of the supernet: width D, hidden width H, tokens per image."""
+  """One MoE feed-forward layer of the supernet: width D, hidden width H, tokens per image.
+
+  Costs of one layer, vectorised over NumPy arrays of expert counts n and top-ks k:
+  `params(n)` = n experts of D · H + H + H · D + D, plus a router D · n if n > 1 (a layer
+  with one expert is a plain feed-forward); `macs(n, k)` per token: the router (D · n), and
+  for each of the k chosen experts its two matmuls (2 · D · H) plus the gate-weighted combine
+  (D); one expert: a plain feed-forward (2 · D · H).
+  """
 
   dim: int
   hidden: int
   tokens: int
+
+  def params(self, experts: np.ndarray) -> np.ndarray:
+    per_expert = 2 * self.dim * self.hidden + self.hidden + self.dim
+    return experts * per_expert + np.where(experts > 1, self.dim * experts, 0)
+
+  def macs(self, experts: np.ndarray, top_k: np.ndarray) -> np.ndarray:
+    routed = experts > 1
+    return self.tokens * (top_k * 2 * self.dim * self.hidden
+                          + routed * (self.dim * experts + top_k * self.dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMoELayerShape:
+  """One convolutional MoE layer (`models.conv_moe`): a k x k conv `in_channels` → W (W =
+  `width`, each expert's channel block) and, with `second_conv` (a `resnet_moe` block), a
+  second one W → W routed alike, at `positions` output positions.
+
+  `params(n)`: n experts' kernels, k² · W · (in_channels + W) each with the second conv, else
+  k² · W · in_channels (the batch norms are shared by the experts: not counted here).
+  `macs(n, k)` per position: the k chosen experts' convs, plus, when routed (n > 1), the
+  gate-weighted combine of each conv (k · W).
+  """
+
+  in_channels: int
+  width: int
+  positions: int
+  kernel: int = 3
+  second_conv: bool = True
+
+  @property
+  def per_expert(self) -> int:
+    """One expert's kernel weights, also its MACs per output position."""
+    inputs = self.in_channels + (self.width if self.second_conv else 0)
+    return self.kernel ** 2 * self.width * inputs
+
+  def params(self, experts: np.ndarray) -> np.ndarray:
+    return experts * self.per_expert
+
+  def macs(self, experts: np.ndarray, top_k: np.ndarray) -> np.ndarray:
+    convs = 2 if self.second_conv else 1
+    combine = np.where(experts > 1, convs * top_k * self.width, 0)
+    return self.positions * (top_k * self.per_expert + combine)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRouterShape:
+  """A router shared by every MoE layer that scores whole images (`models.conv_moe`): a
+  body of `body_params` and `body_macs` and a linear head from `features` to E_r scores.
+
+  A standalone candidate's head has E_r = its largest expert count (the router's first E_r
+  columns); with one expert everywhere there is no router at all. `params` / `macs` take the
+  expert counts [..., L] of candidates.
+  """
+
+  body_params: int
+  body_macs: int
+  features: int
+
+  def params(self, experts: np.ndarray) -> np.ndarray:
+    scores = experts.max(-1)
+    return np.where(scores > 1, self.body_params + (self.features + 1) * scores, 0)
+
+  def macs(self, experts: np.ndarray) -> np.ndarray:
+    scores = experts.max(-1)
+    return np.where(scores > 1, self.body_macs + self.features * scores, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +203,17 @@ class SearchSpace:
   """Per-layer maxima of the supernet and the costs of everything outside its MoE layers.
 
   `base_params` / `base_macs` count the parameters and per-image multiply-accumulates of all
-  non-MoE layers; the MoE layers add what the candidate activates (see `params`, `macs`).
+  non-MoE layers; the MoE layers (each a shape object with `params(n)` and `macs(n, k)`:
+  `MoELayerShape`, `ConvMoELayerShape`) and an optional image-level `router`
+  (`ImageRouterShape`) add what the candidate activates (see `params`, `macs`).
   """
 
   max_experts: tuple[int, ...]
   max_top_k: tuple[int, ...]
-  layers: tuple[MoELayerShape, ...]
+  layers: tuple[MoELayerShape | ConvMoELayerShape, ...]
   base_params: int
   base_macs: int
+  router: ImageRouterShape | None = None
 
   def __post_init__(self):
     if not len(self.max_experts) == len(self.max_top_k) == len(self.layers):
@@ -225,30 +300,22 @@ class SearchSpace:
     return Arch(experts, top_k)
 
   def params(self, arch: Arch) -> np.ndarray:
-    """Stored parameters of the standalone model with only the active experts.
-
-    Per MoE layer: n experts of D · H + H + H · D + D, plus a router D · n if n > 1 (a
-    layer with one expert is a plain feed-forward).
-    """
+    """Stored parameters of the standalone model with only the active experts."""
     experts = np.asarray(arch.num_experts, np.int64)
-    dims = np.array([s.dim for s in self.layers])
-    per_expert = np.array([2 * s.dim * s.hidden + s.hidden + s.dim for s in self.layers])
-    router = np.where(experts > 1, dims * experts, 0)
-    return self.base_params + (experts * per_expert + router).sum(-1)
+    total = sum(layer.params(experts[..., i]) for i, layer in enumerate(self.layers))
+    return self.base_params + total + self._router(experts, "params")
 
   def macs(self, arch: Arch) -> np.ndarray:
     """Multiply-accumulates per image on the active path.
 
-    Per MoE layer and token: the router (D · n), and for each of the k chosen experts its two
-    matmuls (2 · D · H) plus the gate-weighted combine (D); a layer with one expert is a plain
-    feed-forward (2 · D · H). Capacity padding is not counted: it is what a per-token
-    implementation on the device would run.
+    Capacity padding is not counted: it is what a per-token implementation on the device
+    would run.
     """
     experts = np.asarray(arch.num_experts, np.int64)
     top_k = np.asarray(arch.top_k, np.int64)
-    tokens = np.array([s.tokens for s in self.layers])
-    dims = np.array([s.dim for s in self.layers])
-    hidden = np.array([s.hidden for s in self.layers])
-    routed = experts > 1
-    per_layer = tokens * (top_k * 2 * dims * hidden + routed * (dims * experts + top_k * dims))
-    return self.base_macs + per_layer.sum(-1)
+    total = sum(layer.macs(experts[..., i], top_k[..., i])
+                for i, layer in enumerate(self.layers))
+    return self.base_macs + total + self._router(experts, "macs")
+
+  def _router(self, experts: np.ndarray, cost: str) -> np.ndarray:
+    return 0 if self.router is None else getattr(self.router, cost)(experts)

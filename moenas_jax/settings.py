@@ -123,7 +123,12 @@ def objective_settings(config: Any, section: str) -> objectives.ObjectiveSetting
 def model_options(config: Any) -> dict[str, Any]:
   """`config.model` without its name: the supernet family's keyword arguments."""
   options = {key: value for key, value in config.model.items() if key != "name"}
-  options["moe_settings"] = dict(options.get("moe_settings") or {})
+  # The MoE feed-forward families' options; an empty one (the default config's) is left out
+  # for the families without them (resnet_moe, vgg_moe).
+  if options.get("moe_settings"):
+    options["moe_settings"] = dict(options["moe_settings"])
+  else:
+    options.pop("moe_settings", None)
   return options
 
 

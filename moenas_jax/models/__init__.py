@@ -13,13 +13,17 @@ from typing import Any
 import jax
 from flax import nnx
 
-from moenas_jax.models import layers, mobilenet, mobilevit, resnet
+from moenas_jax.models import layers, mobilenet, mobilevit, resnet, resnet_moe, vgg_moe
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     mobilevit.NAME: mobilevit.MobileViTV2,
     f"{mobilevit.NAME}_dense": mobilevit.dense,
     mobilenet.NAME: mobilenet.MobileNetV2,
     resnet.NAME: resnet.ResNet,
+    resnet_moe.NAME: resnet_moe.ResNetMoE,
+    f"{resnet_moe.NAME}_dense": resnet_moe.dense,
+    vgg_moe.NAME: vgg_moe.VGGMoE,
+    f"{vgg_moe.NAME}_dense": vgg_moe.dense,
 }
 
 

@@ -26,11 +26,18 @@ class BasicBlock(nnx.Module):
     self.shortcut = (layers.ConvBN(in_channels, out_channels, 1, stride=stride, activation=None,
                                    rngs=rngs)
                      if stride != 1 or in_channels != out_channels else None)
+    self.stride = stride
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = self.second(self.first(x, train), train)
     skip = self.shortcut(x, train) if self.shortcut is not None else x
     return jax.nn.relu(y + skip)
+
+  def macs(self, height: int, width: int) -> int:
+    total = self.first.macs(height, width) + (self.shortcut.macs(height, width)
+                                              if self.shortcut is not None else 0)
+    return total + self.second.macs(layers.out_size(height, self.stride),
+                                    layers.out_size(width, self.stride))
 
 
 class ResNet(layers.DenseClassifier):
@@ -62,3 +69,11 @@ class ResNet(layers.DenseClassifier):
         self.blocks.append(BasicBlock(width, out, stride, rngs=rngs))
         width = out
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def body_macs(self, height: int, width: int) -> int:
+    """MACs per image of the stem and the blocks on a height x width input (not the head)."""
+    total = 0
+    for block in (self.stem, *self.blocks):
+      total += block.macs(height, width)
+      height, width = layers.out_size(height, block.stride), layers.out_size(width, block.stride)
+    return total
