@@ -145,6 +145,7 @@ class LatencyTable:
 
   def check(self, space: SearchSpace) -> None:
     """Refuses a table whose layers, shapes or choices are not those of `space`."""
+    check_timeable(space)
     names = layer_names(space)
     if tuple(self.layers) != names or self.genes != tuple(space.gene_maxima()):
       raise ValueError(f"the latency table has layers {list(self.layers)} and genes "
@@ -267,6 +268,15 @@ def _layer_call(shape: search_space.MoELayerShape, genes: Sequence[str], choice:
   return lambda: apply(weights, tokens)
 
 
+def check_timeable(space: SearchSpace) -> None:
+  """Refuses a space with layers other than MoE feed-forwards (a table times those alone)."""
+  kinds = sorted({type(shape).__name__ for shape in space.layers} - {"MoELayerShape"})
+  if kinds or space.router is not None:
+    raise ValueError(f"latency tables time MoE feed-forward layers (mobilevit), this supernet "
+                     f"has {kinds or ['an image router']}; use mac_budget for conv MoE models "
+                     f"(resnet_moe, vgg_moe)")
+
+
 def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
                   warmup: int = 5, calibration: Sequence[Arch] | None = None) -> LatencyTable:
   """Times every (layer, choice) of `supernet`'s space and calibrates the constant on the
@@ -274,6 +284,7 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   space = supernet.search_space()
+  check_timeable(space)
   genes = tuple(space.gene_maxima())
   moe_settings = dict(supernet.config["moe_settings"])
   if calibration is None:

@@ -205,3 +205,13 @@ def test_the_search_scores_latency_ms_from_the_table(tmp_path):
   np.testing.assert_allclose([r["metrics"]["latency_ms"] for r in records], [6.83, 7.46])
   np.testing.assert_allclose([r["reward"] for r in records],
                              [0.8 - 0.8 + 0.4 - 0.4, -2.5 - (7.46 / 6.9 - 1)])
+
+
+def test_a_conv_moe_space_is_refused_before_timing():
+  model = models.build("resnet_moe", num_classes=2, image_size=(8, 8), depth=8,
+                       width_multiplier=0.25, max_experts=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"time MoE feed-forward layers .* has "
+                                       r"\['ConvMoELayerShape'\]; use mac_budget"):
+    latency.measure_table(model, repeats=1)
+  with pytest.raises(ValueError, match="use mac_budget"):
+    _table(SPACE).check(model.search_space())
