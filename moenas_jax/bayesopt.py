@@ -173,7 +173,7 @@ def _samples(key: jax.Array, *, space: SearchSpace, size: int) -> Arch:
 
 @functools.partial(jax.jit, static_argnames="space")
 def _mutants(key: jax.Array, parents: Arch, *, space: SearchSpace) -> Arch:
-  keys = jax.random.split(key, parents.num_experts.shape[0])
+  keys = jax.random.split(key, search_space.population_size(parents))
   return jax.vmap(space.mutate)(keys, parents)
 
 

@@ -248,7 +248,7 @@ def run(controller: Controller, space: SearchSpace, score: Score, *, cycles: int
         todo = cache.to_score(archs)
         records = [{"arch": search_space.to_dict(search_space.unstack(archs)[i]), **record,
                     "cycle": cycle} for i, record in zip(todo, score(archs, todo, cycle))]
-        rewards = np.full(len(archs.num_experts), np.nan)
+        rewards = np.full(search_space.population_size(archs), np.nan)
         rewards[todo] = [record["reward"] for record in records]
         if hasattr(controller, "observe"):
           controller.observe(records)

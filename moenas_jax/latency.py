@@ -3,7 +3,7 @@
     latency(arch) = Σ_l table[layer l, choice of layer l] + constant   (milliseconds)
 
 A choice is the tuple of a layer's gene values (today `(num_experts, top_k)` of one MoE
-feed-forward, in `SearchSpace.gene_maxima()` order), so a new gene adds rows, not code paths.
+feed-forward, in `SearchSpace.genes` order), so a new gene adds rows, not code paths.
 `measure_table` times, on the device it runs on, each MoE layer in isolation at its real input
 shape [B, T, D] for each of its valid choices: the standalone `moe.MoEFeedForward` of that many
 experts and that top-k, jitted, `block_until_ready`, the median of `repeats` timed calls after
@@ -74,15 +74,19 @@ def layer_names(space: SearchSpace) -> tuple[str, ...]:
   return tuple(f"moe{layer}" for layer in range(space.num_layers))
 
 
+def gene_names(space: SearchSpace) -> tuple[str, ...]:
+  """The names of a choice's values: the space's genes, in table order."""
+  return tuple(gene.name for gene in space.genes)
+
+
 def layer_choices(space: SearchSpace, layer: int) -> tuple[tuple[int, ...], ...]:
-  """Every valid choice (gene values, `gene_maxima` order) of one layer, by the space's own
-  rules (`SearchSpace.validate`, the other layers dense)."""
-  genes = space.gene_maxima()
+  """Every valid choice (gene values, `SearchSpace.genes` order) of one layer, by the space's
+  own rules (`SearchSpace.validate`, the other layers dense)."""
   valid = []
-  for choice in itertools.product(*(range(1, maxima[layer] + 1) for maxima in genes.values())):
-    arch = {name: np.ones(space.num_layers, np.int32) for name in genes}
-    for name, value in zip(genes, choice):
-      arch[name][layer] = value
+  for choice in itertools.product(*(range(1, gene.maxima[layer] + 1) for gene in space.genes)):
+    arch = search_space.present(space.dense())
+    for gene, value in zip(space.genes, choice):
+      arch[gene.name][layer] = value
     try:
       space.validate(Arch(**arch))
     except ValueError:
@@ -146,11 +150,11 @@ class LatencyTable:
   def check(self, space: SearchSpace) -> None:
     """Refuses a table whose layers, shapes or choices are not those of `space`."""
     check_timeable(space)
-    names = layer_names(space)
-    if tuple(self.layers) != names or self.genes != tuple(space.gene_maxima()):
+    names, genes = layer_names(space), gene_names(space)
+    if tuple(self.layers) != names or self.genes != genes:
       raise ValueError(f"the latency table has layers {list(self.layers)} and genes "
-                       f"{list(self.genes)}, the supernet {list(names)} and "
-                       f"{list(space.gene_maxima())}; measure a table for this supernet")
+                       f"{list(self.genes)}, the supernet {list(names)} and {list(genes)}; "
+                       f"measure a table for this supernet")
     for layer, (name, row) in enumerate(self.layers.items()):
       shape = space.layers[layer]
       if list(row["shape"]) != [shape.dim, shape.hidden, shape.tokens]:
@@ -285,7 +289,7 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   space = supernet.search_space()
   check_timeable(space)
-  genes = tuple(space.gene_maxima())
+  genes = gene_names(space)
   moe_settings = dict(supernet.config["moe_settings"])
   if calibration is None:
     calibration = [space.dense(), space.largest()]

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from moenas_jax import adversarial, hosts, loss, metrics, models
+from moenas_jax import adversarial, hosts, loss, metrics, models, search_space
 from moenas_jax.data import lighting, pipeline
 from moenas_jax.search_space import Arch
 
@@ -227,7 +227,7 @@ class PopulationEvaluator:
       raise ValueError("a standalone model (population=None) has its own batch-norm state; "
                        "score it with an evaluator built without recalibration_images")
     shards = 1 if self.mesh is None else self.mesh.shape["pop"]
-    size = 1 if population is None else int(np.shape(population.num_experts)[0])
+    size = 1 if population is None else search_space.population_size(population)
     num_chunks, padded = chunking(size, self.chunk_size, shards)
     if population is None:
       archs = jnp.zeros((padded,), jnp.int32)
@@ -251,7 +251,7 @@ class PopulationEvaluator:
                 ) -> tuple[Any, Any, Any, int, int, metrics.Counts]:
     """`_padded`, a recalibrated state [P, ...] padded too, and zero counts [P', N, G]."""
     params, state, archs, num_chunks, size = self._padded(params, state, population)
-    padded = jax.tree.leaves(archs)[0].shape[0]
+    padded = search_space.population_size(archs)
     if self.recalibration_images is not None and not self.per_candidate_weights:
       state = pad_candidates(state, padded)
     zeros = jax.tree.map(lambda v: jnp.zeros((padded, *v.shape), v.dtype),
@@ -313,7 +313,7 @@ class PopulationEvaluator:
     """
     if self.attack is not None and attack_key is None:
       raise ValueError("an evaluator with an attack needs attack_key (its random starts)")
-    size = 1 if population is None else int(np.shape(population.num_experts)[0])
+    size = 1 if population is None else search_space.population_size(population)
     if self.recalibration_images is not None and population is not None:
       state = self.recalibrate(params, state, population)
     (clean,), predictions = self._scan(params, state, population, eval_examples, ((0, 0),),

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moenas_jax import loop, loss, objectives
+from moenas_jax import loop, loss, objectives, search_space
 from moenas_jax.data import pipeline
 from moenas_jax.search_space import Arch
 
@@ -67,7 +67,7 @@ class ProxyTuner:
                                  optax.sgd(schedule, momentum=0.9))
 
     def proxy_init(params, state, archs):
-      size = archs.num_experts.shape[0]
+      size = search_space.population_size(archs)
       params, state = jax.tree.map(lambda v: jnp.broadcast_to(v, (size, *v.shape)),
                                    (params, state))
       opt_state = jax.vmap(self.optimizer.init)(params)
@@ -111,7 +111,7 @@ class ProxyTuner:
                       steps_per_epoch=max(self.settings.steps, 1),
                       total_steps=self.settings.steps, name="proxy", check=None)
     (params, state, _), logs = fitted.carry, fitted.step_logs
-    size = archs.num_experts.shape[0]
+    size = search_space.population_size(archs)
     logs = {name: np.asarray([entry[name] for entry in logs], np.float32).reshape(-1, size)
             for name in ("loss", "cross_entropy", "accuracy", "grad_norm")}
     bad = np.argwhere(~np.isfinite(logs["loss"]) | ~np.isfinite(logs["grad_norm"]))

@@ -1,7 +1,9 @@
 """The architecture search space: `Arch` pytrees and what can be done with them.
 
 A candidate is data, not code: `Arch(num_experts[L], top_k[L])`, int32 arrays over the L MoE
-layers of the supernet; a population is the same pytree with a leading axis P. Sampling and
+layers of the supernet; a population is the same pytree with a leading axis P. The genes a
+space searches are declared once, in `SearchSpace.genes` (a table of `Gene`s with their legal
+values); sampling, mutation, validation and features follow from that table. Sampling and
 mutation are pure JAX (jit- and vmap-able, keys from the caller). Validation, JSON and cost
 counting run on the host with NumPy.
 """
@@ -18,15 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from moenas_jax import moe
-
 
 @struct.dataclass
 class Arch:
-  """One candidate ([L] arrays) or a population ([P, L] arrays) of MoE layer settings."""
+  """One candidate ([n] arrays per gene) or a population ([P, n] arrays) of gene values.
+
+  `num_experts` and `top_k` are the MoE layers' genes, [L] each; `width` and `depth` are
+  optional genes (None: the space has no such gene; None is an empty pytree node, so jit,
+  vmap and `jax.tree.map` skip it).
+  """
 
   num_experts: Any
   top_k: Any
+  width: Any = None
+  depth: Any = None
 
   def to_json(self) -> str:
     """JSON object keyed by field name (one candidate or a population)."""
@@ -37,9 +44,19 @@ class Arch:
     return tuple((name, tuple(values)) for name, values in sorted(to_dict(self).items()))
 
 
+def present(arch: Arch) -> dict[str, Any]:
+  """The genes `arch` has (its fields that are not None), by field name."""
+  return {field.name: getattr(arch, field.name) for field in dataclasses.fields(arch)
+          if getattr(arch, field.name) is not None}
+
+
 def to_dict(arch: Arch) -> dict[str, list]:
-  return {field.name: np.asarray(getattr(arch, field.name)).tolist()
-          for field in dataclasses.fields(arch)}
+  return {name: np.asarray(values).tolist() for name, values in present(arch).items()}
+
+
+def population_size(archs: Arch) -> int:
+  """P, the leading axis of a population (static, also under jit)."""
+  return int(np.shape(jax.tree.leaves(archs)[0])[0])
 
 
 def from_json(text: str | dict) -> Arch:
@@ -47,11 +64,15 @@ def from_json(text: str | dict) -> Arch:
   data = json.loads(text) if isinstance(text, str) else text
   if not isinstance(data, dict):
     raise ValueError(f"arch JSON must be an object of named int lists, got {data!r}")
-  names = [field.name for field in dataclasses.fields(Arch)]
-  unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
+  fields = dataclasses.fields(Arch)
+  required = [f.name for f in fields if f.default is dataclasses.MISSING]
+  optional = [f.name for f in fields if f.name not in required]
+  unknown = sorted(set(data) - {f.name for f in fields})
+  missing = [name for name in required if name not in data]
   if unknown or missing:
-    raise ValueError(f"arch JSON must have the fields {names}; missing {missing}, unknown "
-                     f"{unknown} in {data!r}")
+    raise ValueError(f"arch JSON must have the fields {required} (optional {optional}); "
+                     f"missing {missing}, unknown {unknown} in {data!r}")
+  names = [f.name for f in fields if f.name in data]
   for name in names:
     values = np.asarray(data[name], dtype=object).ravel().tolist()
     if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values):
@@ -62,16 +83,15 @@ def from_json(text: str | dict) -> Arch:
 def features(space: SearchSpace, archs: Arch, *, one_hot: bool = False) -> np.ndarray:
   """Numeric columns [P, F] (float64) of a population, for surrogate models of the reward.
 
-  One column per gene (field of `space.gene_maxima()`, then layer) holding value / maximum,
-  in (0, 1]; with `one_hot`, one indicator column per value 1..maximum of each gene instead.
-  A new gene (an `Arch` field with its `gene_maxima` entry) adds its columns here.
+  One column per (gene of `space.genes`, position) holding value / maximum, in (0, 1]; with
+  `one_hot`, one indicator column per value 1..maximum of each instead.
   """
   columns = []
-  for name, maxima in space.gene_maxima().items():
-    values = np.asarray(getattr(archs, name), np.int64)
-    for layer, maximum in enumerate(maxima):
-      gene = values[:, layer:layer + 1]
-      columns.append(gene == np.arange(1, maximum + 1) if one_hot else gene / maximum)
+  for gene in space.genes:
+    values = np.asarray(getattr(archs, gene.name), np.int64)
+    for position, maximum in enumerate(gene.maxima):
+      value = values[:, position:position + 1]
+      columns.append(value == np.arange(1, maximum + 1) if one_hot else value / maximum)
   return np.concatenate(columns, axis=1).astype(np.float64)
 
 
@@ -94,7 +114,7 @@ def within_budget(space: SearchSpace, archs: Arch, param_budget: float | None = 
                   mac_budget: float | None = None) -> np.ndarray:
   """[P] bool: the candidates within the params and MACs budgets (None: no budget), from the
   exact analytic counts (`SearchSpace.params`, `.macs`), before anything is scored."""
-  within = np.ones(np.shape(archs.num_experts)[0], bool)
+  within = np.ones(population_size(archs), bool)
   for budget, count in ((param_budget, space.params), (mac_budget, space.macs)):
     if budget is not None:
       within &= count(archs) <= budget
@@ -110,11 +130,11 @@ def stack(archs: Sequence[Arch]) -> Arch:
 
 def unstack(population: Arch) -> list[Arch]:
   """A population pytree → its P candidates, as NumPy arrays."""
-  if np.ndim(population.num_experts) != 2:
-    raise ValueError(f"unstack() takes a population [P, L], got shape "
-                     f"{np.shape(population.num_experts)}")
-  size = np.asarray(population.num_experts).shape[0]
-  return [jax.tree.map(lambda v, i=i: np.asarray(v)[i], population) for i in range(size)]
+  shapes = {name: np.shape(values) for name, values in present(population).items()}
+  if any(len(shape) != 2 for shape in shapes.values()):
+    raise ValueError(f"unstack() takes a population ([P, n] per gene), got shapes {shapes}")
+  return [jax.tree.map(lambda v, i=i: np.asarray(v)[i], population)
+          for i in range(population_size(population))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,13 +219,51 @@ class ImageRouterShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gene:
+  """A searched `Arch` field: one value per position, legal values 1..maxima[position].
+
+  capped_by: the gene (earlier in the table, of the same length) whose value at the same
+  position caps this one's, as num_experts caps top_k; doc: what a value means (the llm
+  prompt); unit: what a position is (error messages).
+  """
+
+  name: str
+  maxima: tuple[int, ...]
+  capped_by: str | None = None
+  doc: str = ""
+  unit: str = "MoE layer"
+
+
+def _check_genes(genes: Sequence[Gene]) -> None:
+  """Refuses a gene table that sampling, mutation and validation could not follow."""
+  fields, names = [field.name for field in dataclasses.fields(Arch)], [g.name for g in genes]
+  if names != [name for name in fields if name in names]:
+    raise ValueError(f"genes {names} must be distinct Arch fields, in field order {fields}")
+  seen = {}
+  for gene in genes:
+    if not all(maximum >= 1 for maximum in gene.maxima):
+      raise ValueError(f"gene {gene.name!r} needs maxima >= 1, got {gene.maxima}")
+    cap = seen.get(gene.capped_by)
+    if gene.capped_by is not None and (cap is None or len(cap.maxima) != len(gene.maxima)):
+      raise ValueError(f"gene {gene.name!r} is capped by {gene.capped_by!r}, which must be "
+                       f"an earlier gene of the same length")
+    seen[gene.name] = gene
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+  """The index of the first True of `bad`."""
+  return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchSpace:
   """Per-layer maxima of the supernet and the costs of everything outside its MoE layers.
 
   `base_params` / `base_macs` count the parameters and per-image multiply-accumulates of all
   non-MoE layers; the MoE layers (each a shape object with `params(n)` and `macs(n, k)`:
   `MoELayerShape`, `ConvMoELayerShape`) and an optional image-level `router`
-  (`ImageRouterShape`) add what the candidate activates (see `params`, `macs`).
+  (`ImageRouterShape`) add what the candidate activates (see `params`, `macs`). The genes
+  searched are the table `genes`.
   """
 
   max_experts: tuple[int, ...]
@@ -220,84 +278,121 @@ class SearchSpace:
       raise ValueError(f"max_experts ({len(self.max_experts)}), max_top_k "
                        f"({len(self.max_top_k)}) and layers ({len(self.layers)}) must have "
                        f"one entry per MoE layer")
+    _check_genes(self.genes)
 
   @property
   def num_layers(self) -> int:
     return len(self.layers)
 
-  def gene_maxima(self) -> dict[str, tuple[int, ...]]:
-    """Per `Arch` field, each layer's largest value (every gene takes values 1..maximum)."""
-    return {"num_experts": self.max_experts, "top_k": self.max_top_k}
+  @property
+  def genes(self) -> tuple[Gene, ...]:
+    """The searched genes, in `Arch` field order (each after the gene that caps it)."""
+    return (Gene("num_experts", tuple(self.max_experts), None,
+                 "each layer's number of experts"),
+            Gene("top_k", tuple(self.max_top_k), "num_experts",
+                 "its top_k (experts per token)"))
 
-  def _maxima(self) -> tuple[jax.Array, jax.Array]:
-    return jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32)
+  def _legal_maxima(self, gene: Gene, values: dict[str, Any]) -> jax.Array:
+    """[n]: each position's largest legal value of `gene`, given the genes that cap it."""
+    maxima = jnp.asarray(gene.maxima, jnp.int32)
+    return maxima if gene.capped_by is None else jnp.minimum(maxima, values[gene.capped_by])
 
   def largest(self) -> Arch:
-    """Every expert active, every token at the maximal top-k."""
-    return Arch(np.asarray(self.max_experts, np.int32), np.asarray(self.max_top_k, np.int32))
+    """Every gene at its largest legal value (every expert active, the maximal top-k)."""
+    values = {}
+    for gene in self.genes:
+      values[gene.name] = self._legal_maxima(gene, values)
+    return Arch(**{name: np.asarray(v, np.int32) for name, v in values.items()})
 
   def dense(self) -> Arch:
-    """One expert, top-1 everywhere: the dense model."""
-    ones = np.ones(self.num_layers, np.int32)
-    return Arch(ones, ones.copy())
+    """Every gene at 1 (one expert, top-1 everywhere): the dense model."""
+    return Arch(**{gene.name: np.ones(len(gene.maxima), np.int32) for gene in self.genes})
 
   def sample(self, key: jax.Array) -> Arch:
-    """Uniform expert count per layer, then a uniform top-k in 1..min(max_top_k, experts)."""
-    max_experts, max_top_k = self._maxima()
-    experts_key, top_k_key = jax.random.split(key)
-    experts = jax.random.randint(experts_key, (self.num_layers,), 1, max_experts + 1)
-    top_k = jax.random.randint(top_k_key, (self.num_layers,), 1,
-                               jnp.minimum(max_top_k, experts) + 1)
-    return Arch(experts, top_k)
+    """Each gene in table order, uniform per position in 1..min(maximum, cap) (an expert
+    count per layer, then a top-k in 1..min(max_top_k, experts))."""
+    values = {}
+    for gene, gene_key in zip(self.genes, jax.random.split(key, len(self.genes))):
+      values[gene.name] = jax.random.randint(gene_key, (len(gene.maxima),), 1,
+                                             self._legal_maxima(gene, values) + 1)
+    return Arch(**values)
 
   def sample_population(self, key: jax.Array, size: int) -> Arch:
     return jax.vmap(self.sample)(jax.random.split(key, size))
 
   def mutate(self, key: jax.Array, arch: Arch, num_mutations: int = 1) -> Arch:
-    """Changes `num_mutations` genes (a layer's expert count or its top-k) to new values.
+    """Changes `num_mutations` slots (a gene at one position) to new values.
 
-    The gene is drawn uniformly among those that have another valid value, the new value
-    uniformly among the other valid values. When an expert count drops below its layer's
-    top-k, the top-k is clipped too, so the child is always valid. Repeated draws may hit
-    the same gene; a space with one architecture returns it unchanged.
+    The slot is drawn uniformly among those that have another legal value, the new value
+    uniformly among the other legal values. When a gene drops below a gene it caps (an
+    expert count below its layer's top-k), that one is clipped too, so the child is always
+    valid. Repeated draws may hit the same slot; a space with one architecture returns it
+    unchanged.
     """
-    max_experts, max_top_k = self._maxima()
-    experts = jnp.asarray(arch.num_experts, jnp.int32)
-    top_k = jnp.asarray(arch.top_k, jnp.int32)
+    genes, names = self.genes, [gene.name for gene in self.genes]
+    arch = Arch(**{name: jnp.asarray(getattr(arch, name), jnp.int32) for name in names})
+    splits = np.cumsum([len(gene.maxima) for gene in genes])[:-1].tolist()
     for step_key in jax.random.split(key, num_mutations):
-      gene_key, value_key = jax.random.split(step_key)
-      # Genes 0..L-1 are expert counts, L..2L-1 top-ks; `choices` counts their valid values.
-      choices = jnp.concatenate([max_experts, jnp.minimum(max_top_k, experts)])
+      slot_key, value_key = jax.random.split(step_key)
+      # Slots are the genes' positions in table order; `choices` counts their legal values.
+      values = present(arch)
+      choices = jnp.concatenate([self._legal_maxima(gene, values) for gene in genes])
       changeable = choices > 1
-      gene = jax.random.choice(gene_key, 2 * self.num_layers,
+      slot = jax.random.choice(slot_key, choices.size,
                                p=changeable / jnp.maximum(changeable.sum(), 1))
-      layer, is_top_k = gene % self.num_layers, gene >= self.num_layers
-      current = jnp.where(is_top_k, top_k[layer], experts[layer])
+      flat = jnp.concatenate([values[name] for name in names])
       # A different value, uniform over the others: shift by 1..choices-1 around the ring.
-      shift = jax.random.randint(value_key, (), 1, jnp.maximum(choices[gene], 2))
-      new = jnp.where(changeable[gene], (current - 1 + shift) % choices[gene] + 1, current)
-      experts = experts.at[layer].set(jnp.where(is_top_k, experts[layer], new))
-      top_k = top_k.at[layer].set(jnp.where(is_top_k, new,
-                                            jnp.minimum(top_k[layer], experts[layer])))
-    return Arch(experts, top_k)
+      shift = jax.random.randint(value_key, (), 1, jnp.maximum(choices[slot], 2))
+      new = jnp.where(changeable[slot], (flat[slot] - 1 + shift) % choices[slot] + 1,
+                      flat[slot])
+      arch = self.clip(Arch(**dict(zip(names, jnp.split(flat.at[slot].set(new), splits)))))
+    return arch
+
+  def clip(self, arch: Arch) -> Arch:
+    """`arch` with each capped gene lowered to the gene that caps it where above (pure JAX)."""
+    values = present(arch)
+    for gene in self.genes:
+      if gene.capped_by is not None:
+        values[gene.name] = jnp.minimum(values[gene.name], values[gene.capped_by])
+    return Arch(**values)
 
   def validate(self, arch: Arch) -> Arch:
-    """Checks one candidate or a population on the host; returns it as int32 NumPy arrays."""
-    experts, top_k = np.asarray(arch.num_experts), np.asarray(arch.top_k)
-    if experts.ndim not in (1, 2) or experts.shape[-1] != self.num_layers:
-      raise ValueError(f"arch.num_experts has shape {experts.shape}; the supernet has "
-                       f"{self.num_layers} MoE layers, so give [{self.num_layers}] values "
-                       f"(or [P, {self.num_layers}] for a population)")
-    experts, top_k = moe.check_arch(experts, top_k, max_experts=max(self.max_experts),
-                                    max_top_k=max(self.max_top_k))
-    for name, values, maxima in (("num_experts", experts, self.max_experts),
-                                 ("top_k", top_k, self.max_top_k)):
-      over = values > np.asarray(maxima)
-      if over.any():
-        where = tuple(int(i) for i in np.argwhere(over)[0])
-        raise ValueError(f"{name}{list(where)} = {values[where]} exceeds the maximum "
-                         f"{maxima[where[-1]]} of MoE layer {where[-1]}")
-    return Arch(experts, top_k)
+    """Checks one candidate or a population on the host; returns it as int32 NumPy arrays.
+
+    Raises ValueError naming the first bad gene, position and value and its legal range.
+    """
+    given, names = present(arch), [gene.name for gene in self.genes]
+    if set(given) != set(names):
+      raise ValueError(f"the arch has the genes {sorted(given)}, the search space {names}; "
+                       f"give exactly those")
+    values = {}
+    for gene in self.genes:
+      value, size = np.asarray(given[gene.name]), len(gene.maxima)
+      if value.dtype.kind not in "iu":
+        raise ValueError(f"{gene.name} must hold integers, got dtype {value.dtype}: {value!r}")
+      if value.ndim not in (1, 2) or value.shape[-1] != size:
+        raise ValueError(f"arch.{gene.name} has shape {value.shape}; the supernet has {size} "
+                         f"{gene.unit}s, so give [{size}] values (or [P, {size}] for a "
+                         f"population)")
+      values[gene.name] = value.astype(np.int32)
+    shapes = {name: value.shape[:-1] for name, value in values.items()}
+    if len(set(shapes.values())) > 1:
+      raise ValueError(f"the genes have different population shapes {shapes}; give every "
+                       f"gene for the same candidates")
+    for gene in self.genes:
+      value, maxima = values[gene.name], np.asarray(gene.maxima)
+      bad = (value < 1) | (value > maxima)
+      if bad.any():
+        where = _first(bad)
+        raise ValueError(f"{gene.name}{list(where)} = {value[where]} must be in "
+                         f"1..{maxima[where[-1]]}, the legal values of {gene.unit} "
+                         f"{where[-1]}")
+      cap = values.get(gene.capped_by)
+      if cap is not None and (value > cap).any():
+        where = _first(value > cap)
+        raise ValueError(f"{gene.name}{list(where)} = {value[where]} must not exceed "
+                         f"{gene.capped_by}{list(where)} = {cap[where]}")
+    return Arch(**values)
 
   def params(self, arch: Arch) -> np.ndarray:
     """Stored parameters of the standalone model with only the active experts."""

@@ -1,8 +1,9 @@
 """Optuna's TPE (multivariate) behind the controller seam: the library baseline users know.
 
-Each gene of each layer is a categorical distribution (`num_experts_<l>` in 1..max_experts,
-`top_k_<l>` in 1..max_top_k, from `SearchSpace.gene_maxima`); a top-k above its layer's
-expert count is clipped to it, as `SearchSpace.mutate` does. The hard budgets are Optuna
+Each gene of `SearchSpace.genes` at each position is a categorical distribution
+(`<gene>_<position>` in 1..maximum, e.g. `num_experts_0`, `top_k_0`); a value above its cap
+(a top-k above its layer's expert count) is clipped to it (`SearchSpace.clip`), as
+`SearchSpace.mutate` does. The hard budgets are Optuna
 constraints (`trial.set_constraint`, feasible when ≤ 0: count / budget − 1; TPE ranks
 infeasible trials below feasible ones): an over-budget proposal is never scored, it is told
 at once with its constraint and another is asked. So is a repeat of an architecture scored
@@ -75,9 +76,9 @@ class TPESearch:
     self.batch_size = settings.batch_size
     self._optuna = _optuna()
     categorical = self._optuna.distributions.CategoricalDistribution
-    self._distributions = {f"{name}_{layer}": categorical(list(range(1, maximum + 1)))
-                           for name, maxima in space.gene_maxima().items()
-                           for layer, maximum in enumerate(maxima)}
+    self._distributions = {f"{gene.name}_{position}": categorical(list(range(1, maximum + 1)))
+                           for gene in space.genes
+                           for position, maximum in enumerate(gene.maxima)}
     self._trials: list[dict[str, Any]] = []  # every told trial, in order
     self._scored: dict[tuple, float] = {}  # first reward per architecture
     self._cycle = 0
@@ -130,10 +131,10 @@ class TPESearch:
     return controller
 
   def _arch(self, params: dict[str, int]) -> Arch:
-    layers = range(self.space.num_layers)
-    experts = np.asarray([params[f"num_experts_{layer}"] for layer in layers], np.int32)
-    top_k = np.minimum([params[f"top_k_{layer}"] for layer in layers], experts)
-    return self.space.validate(Arch(experts, top_k.astype(np.int32)))
+    return self.space.validate(self.space.clip(Arch(**{
+        gene.name: np.asarray([params[f"{gene.name}_{position}"]
+                               for position in range(len(gene.maxima))], np.int32)
+        for gene in self.space.genes})))
 
   def _violations(self, arch: Arch) -> dict[str, float]:
     """count / budget − 1 per budget (≤ 0: within it)."""

@@ -9,7 +9,7 @@ import pytest
 
 from moenas_jax import bayesopt, controllers, search_space
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
-from synthetic_search import BEST, SPACE, run
+from synthetic_search import BEST, SPACE, STAGED, run
 from synthetic_search import cycles as _cycles
 from synthetic_search import keys as _keys
 from synthetic_search import reward as _reward
@@ -153,3 +153,14 @@ def test_a_missing_xgboost_names_the_pip_command(monkeypatch):
 def test_bad_settings_are_refused(options, message):
   with pytest.raises(ValueError, match=message):
     _bo(**options)
+
+
+def test_every_gene_of_the_table_is_featurised_sampled_and_mutated():
+  # warmup 8, P = 4: cycle 2 ranks random samples and mutants of the best on the features.
+  controller, told = _bo(STAGED, surrogate="ridge", warmup=8), set()
+  for _ in range(3):
+    archs = STAGED.validate(controller.ask())  # every gene of the table, legal
+    assert told.isdisjoint(_keys(archs))
+    told.update(_keys(archs))
+    controller.tell(archs, search_space.features(STAGED, archs).sum(-1))
+  assert len(told) == 12

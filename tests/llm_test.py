@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from moenas_jax import controllers, search_space  # noqa: E402
 from moenas_jax.llm import controller as llm, decoder, design, gguf_model  # noqa: E402
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace  # noqa: E402
-from synthetic_search import SPACE, run  # noqa: E402
+from synthetic_search import SPACE, STAGED, run  # noqa: E402
 from synthetic_search import reward as _reward  # noqa: E402
 
 TINY = gguf_model.LlamaConfig(vocab_size=0, dim=16, hidden=24, num_layers=2, num_heads=4,
@@ -143,6 +143,34 @@ def test_render_and_parse_invert_each_other_and_refuse_bad_lines():
                         ("experts=[9,1,1,1] top_k=[1,1,1,1]", r"must be in 1\.\.8")):
     with pytest.raises(ValueError, match=message):
       design.parse(text, SPACE)
+
+
+def test_a_line_has_one_group_per_gene_of_the_table():
+  arch = STAGED.validate(Arch(np.array([4, 1]), np.array([2, 1]), width=np.array([3, 1, 2]),
+                              depth=np.array([1, 1, 2])))
+  line = design.render(arch)
+  assert line == "experts=[4,1] top_k=[2,1] width=[3,1,2] depth=[1,1,2]"
+  assert design.parse(f"so: {line}.", STAGED).key() == arch.key()
+  assert design.line_format(STAGED) == "experts=[...] top_k=[...] width=[...] depth=[...]"
+  with pytest.raises(ValueError, match="has 2 and 2 and 2 and 3 values; the space has 2 MoE "
+                                       "layers, 3 stages"):
+    design.parse("experts=[4,1] top_k=[2,1] width=[3,1] depth=[1,1,2]", STAGED)
+  # One step at one of the 10 positions, where legal: experts[0] 3, experts[1] 2, top_k[0]
+  # 1, width[0] 2, width[2] 3 (not 1: below depth[2]), depth[0] 2, depth[2] 1.
+  neighbours = [search_space.to_dict(n) for n in llm._neighbours(STAGED, arch)]
+  assert [(d["num_experts"], d["top_k"], d["width"], d["depth"]) for d in neighbours] == [
+      ([3, 1], [2, 1], [3, 1, 2], [1, 1, 2]), ([4, 2], [2, 1], [3, 1, 2], [1, 1, 2]),
+      ([4, 1], [1, 1], [3, 1, 2], [1, 1, 2]), ([4, 1], [2, 1], [2, 1, 2], [1, 1, 2]),
+      ([4, 1], [2, 1], [3, 1, 3], [1, 1, 2]), ([4, 1], [2, 1], [3, 1, 2], [2, 1, 2]),
+      ([4, 1], [2, 1], [3, 1, 2], [1, 1, 1])]
+
+
+def test_constrained_proposals_follow_every_gene_of_the_table(tiny):
+  generator = design.DesignGenerator(tiny, STAGED)
+  proposals = generator.generate("<|im_start|>user\nexp<|im_end|>\n", 6, jax.random.key(0),
+                                 1.0)
+  archs = [design.parse(p.text, STAGED) for p in proposals]  # validates every gene
+  assert len({a.key() for a in archs}) > 1
 
 
 # Two-digit expert counts and per-layer maxima: the mask must follow each layer's range.

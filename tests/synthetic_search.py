@@ -4,11 +4,25 @@ one known optimum, and the search loop run straight or killed and resumed."""
 import numpy as np
 
 from moenas_jax import candidate_log, controllers, search_space
-from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
+from moenas_jax.search_space import Arch, Gene, MoELayerShape, SearchSpace
 
 # 15 settings per layer (1 expert, or 2..8 experts at top-1 or top-2): 15^4 = 50625 archs.
 SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
                     layers=(MoELayerShape(8, 16, 10),) * 4, base_params=0, base_macs=0)
+
+
+class StagedSpace(SearchSpace):
+  """Two MoE layers plus two genes over 3 stages, as a supernet with stages would add them:
+  `width` in 1..(3, 1, 4), and `depth` in 1..(2, 2, 3) capped by its stage's width."""
+
+  @property
+  def genes(self):
+    return super().genes + (Gene("width", (3, 1, 4), None, "each stage's width", "stage"),
+                            Gene("depth", (2, 2, 3), "width", "its depth", "stage"))
+
+
+STAGED = StagedSpace(max_experts=(4, 2), max_top_k=(2, 2), layers=(MoELayerShape(4, 4, 4),) * 2,
+                     base_params=0, base_macs=0)
 BEST = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from moenas_jax import controllers, search_space, tpe
 from moenas_jax.search_space import Arch
-from synthetic_search import SPACE, run
+from synthetic_search import SPACE, STAGED, run
 from synthetic_search import cycles as _cycles
 from synthetic_search import keys as _keys
 from synthetic_search import reward as _reward
@@ -111,3 +111,18 @@ def test_a_missing_optuna_names_the_pip_command(monkeypatch):
 def test_bad_settings_are_refused(options, message):
   with pytest.raises(ValueError, match=message):
     _tpe(**options)
+
+
+def test_every_gene_of_the_table_is_searched_with_caps_clipped():
+  controller = controllers.make("optuna", STAGED, population_size=8, tournament_size=2,
+                                batch_size=4, seed=0, optuna={"startup_trials": 4})
+  assert sorted(controller._distributions) == sorted(
+      [f"num_experts_{i}" for i in range(2)] + [f"top_k_{i}" for i in range(2)]
+      + [f"width_{i}" for i in range(3)] + [f"depth_{i}" for i in range(3)])
+  params = {**dict.fromkeys(controller._distributions, 1), "num_experts_0": 2, "top_k_0": 2,
+            "width_0": 3, "depth_0": 2, "depth_2": 3}  # depth_2 above width_2: clipped
+  assert search_space.to_dict(controller._arch(params)) == {
+      "num_experts": [2, 1], "top_k": [2, 1], "width": [3, 1, 1], "depth": [2, 1, 1]}
+  for _ in range(2):
+    archs = STAGED.validate(controller.ask())
+    controller.tell(archs, search_space.features(STAGED, archs).sum(-1))

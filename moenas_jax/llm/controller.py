@@ -73,16 +73,18 @@ class LLMSettings:
 
 
 def _neighbours(space: SearchSpace, arch: Arch) -> list[Arch]:
-  """The valid architectures one gene ±1 away."""
+  """The valid architectures one gene step (±1 at one position) away."""
   found = []
-  for name, maxima in space.gene_maxima().items():
-    for layer, maximum in enumerate(maxima):
+  for gene in space.genes:
+    for position in range(len(gene.maxima)):
       for step in (-1, 1):
-        values = {field: np.array(getattr(arch, field)) for field in ("num_experts", "top_k")}
-        values[name][layer] += step
-        if 1 <= values[name][layer] <= maximum and values["top_k"][layer] <= values[
-            "num_experts"][layer]:
-          found.append(Arch(values["num_experts"], values["top_k"]))
+        values = {name: np.array(v) for name, v in search_space.present(arch).items()}
+        values[gene.name][position] += step
+        try:
+          neighbour = space.validate(Arch(**values))
+        except ValueError:
+          continue
+        found.append(neighbour)
   return found
 
 

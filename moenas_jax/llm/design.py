@@ -1,10 +1,12 @@
 """The design generator: P architecture proposals from one prompt, decoded under a mask so
 that every output parses and holds only legal values.
 
-A proposal is one line, `experts=[e0,e1,...] top_k=[k0,k1,...]` (`render` / `parse`). The
-line is a template of literal pieces and gene slots; literals are forced token by token and
-a gene slot admits only digit tokens that extend a prefix of a legal value (experts 1..max
-of its layer; top_k 1..min(max, that layer's experts)) or, once the digits form a legal
+A proposal is one line with one `label=[v0,v1,...]` group per gene of `SearchSpace.genes`,
+in table order, e.g. `experts=[e0,e1,...] top_k=[k0,k1,...]` (`render` / `parse`; a gene's
+label is its name, num_experts's is "experts"). The line is a template of literal pieces and
+gene slots; literals are forced token by token and a gene slot admits only digit tokens that
+extend a prefix of a legal value (1..its maximum, capped by the value of its capping gene at
+that position: top_k 1..min(max, that layer's experts)) or, once the digits form a legal
 value, the next literal's first token. The P sequences share the prompt's prefill (its
 cache broadcast to P) and decode in lockstep, each at its own position, sampling at
 `temperature` among the legal tokens (greedy at 0) with key `fold_in(key, step)`.
@@ -24,30 +26,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from moenas_jax.llm import decoder, gguf_model
-from moenas_jax.search_space import Arch, SearchSpace
+from moenas_jax.search_space import Arch, SearchSpace, present
 
-_LINE = re.compile(r"experts=\[([\d,\s]*)\]\s*top_k=\[([\d,\s]*)\]")
+_LABELS = {"num_experts": "experts"}  # a gene's label in the line, if not its name
 _PAD_TO = 128  # prompt and generated tokens are padded to multiples of this
+
+
+def label(name: str) -> str:
+  """The label of gene `name` in a proposal line."""
+  return _LABELS.get(name, name)
+
+
+def line_format(space: SearchSpace) -> str:
+  """The shape of a proposal line, e.g. 'experts=[...] top_k=[...]'."""
+  return " ".join(f"{label(gene.name)}=[...]" for gene in space.genes)
 
 
 def render(arch: Arch) -> str:
   """The proposal line of one candidate."""
-  def values(field):
-    return ",".join(str(v) for v in np.asarray(field).tolist())
-  return f"experts=[{values(arch.num_experts)}] top_k=[{values(arch.top_k)}]"
+  return " ".join(f"{label(name)}=[{','.join(str(v) for v in np.asarray(values).tolist())}]"
+                  for name, values in present(arch).items())
 
 
 def parse(text: str, space: SearchSpace) -> Arch:
   """The candidate of the first proposal line in `text`, validated (ValueError if none)."""
-  match = _LINE.search(text)
+  match = re.search(r"\s*".join(rf"{re.escape(label(gene.name))}=\[([\d,\s]*)\]"
+                                for gene in space.genes), text)
   if match is None:
-    raise ValueError(f"no line 'experts=[...] top_k=[...]' in {text[:80]!r}")
-  experts, top_k = ([int(v) for v in group.replace(" ", "").split(",") if v]
-                    for group in match.groups())
-  if len(experts) != space.num_layers or len(top_k) != space.num_layers:
-    raise ValueError(f"{match.group(0)!r} has {len(experts)} and {len(top_k)} values; the "
-                     f"space has {space.num_layers} MoE layers")
-  return space.validate(Arch(np.asarray(experts, np.int32), np.asarray(top_k, np.int32)))
+    raise ValueError(f"no line '{line_format(space)}' in {text[:80]!r}")
+  values = [[int(v) for v in group.replace(" ", "").split(",") if v] for group in match.groups()]
+  if any(len(v) != len(gene.maxima) for v, gene in zip(values, space.genes)):
+    sizes = dict.fromkeys(f"{len(gene.maxima)} {gene.unit}s" for gene in space.genes)
+    raise ValueError(f"{match.group(0)!r} has {' and '.join(str(len(v)) for v in values)} "
+                     f"values; the space has {', '.join(sizes)}")
+  return space.validate(Arch(**{gene.name: np.asarray(v, np.int32)
+                                for v, gene in zip(values, space.genes)}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,19 +83,22 @@ class _Line:
   """One sequence's place in the template: which piece, and the digits of the open gene."""
 
   def __init__(self, pieces: list, space: SearchSpace):
-    self.pieces, self.space = pieces, space
+    self.pieces = pieces
     self.index, self.forced, self.digits = 0, [], ""
-    self.values: dict[str, list[int]] = {"num_experts": [], "top_k": []}
+    self.genes = {gene.name: gene for gene in space.genes}
+    self.values: dict[str, list[int]] = {name: [] for name in self.genes}
 
   @property
   def done(self) -> bool:
     return self.index == len(self.pieces) and not self.forced
 
-  def legal_values(self, gene: tuple[str, int]) -> range:
-    name, layer = gene
-    if name == "num_experts":
-      return range(1, self.space.max_experts[layer] + 1)
-    return range(1, min(self.space.max_top_k[layer], self.values["num_experts"][layer]) + 1)
+  def legal_values(self, slot: tuple[str, int]) -> range:
+    name, position = slot
+    gene = self.genes[name]
+    maximum = gene.maxima[position]
+    if gene.capped_by is not None:
+      maximum = min(maximum, self.values[gene.capped_by][position])
+    return range(1, maximum + 1)
 
   def allowed(self, digit_ids: dict[str, int], end_id: int) -> list[int]:
     """The tokens legal next."""
@@ -146,19 +162,20 @@ class DesignGenerator:
 
   def _template(self) -> tuple[list[int], list]:
     """(tokens of the opening literal, the rest: gene slots and literal token lists)."""
-    layers = range(self.space.num_layers)
-    literals = ["experts=["] + [","] * (len(layers) - 1) + ["] top_k=["] + [","] * (
-        len(layers) - 1) + ["]"]
-    genes = [("num_experts", layer) for layer in layers] + [("top_k", layer)
-                                                            for layer in layers]
+    literals, slots = [], []
+    for index, gene in enumerate(self.space.genes):
+      literals += [f"{'] ' if index else ''}{label(gene.name)}=["] + [","] * (
+          len(gene.maxima) - 1)
+      slots += [(gene.name, position) for position in range(len(gene.maxima))]
+    literals.append("]")
     pieces = []
-    for gene, literal in zip(genes, literals[1:]):
-      pieces += [gene, self._encode(literal)]
+    for slot, literal in zip(slots, literals[1:]):
+      pieces += [slot, self._encode(literal)]
     return self._encode(literals[0]), pieces
 
   def max_new_tokens(self) -> int:
     """An upper bound on the tokens of one line after its opening literal, plus the end."""
-    digits = len(str(max(self.space.max_experts + self.space.max_top_k)))
+    digits = len(str(max(max(gene.maxima) for gene in self.space.genes)))
     return sum(digits if isinstance(p, tuple) else len(p) for p in self._pieces) + 1
 
   def generate(self, prompt: str, count: int, key: jax.Array,

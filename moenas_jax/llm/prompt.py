@@ -44,11 +44,13 @@ def build(space: SearchSpace, results: Sequence[Mapping[str, Any]],
   table (`RewardSpec.to_dict()`), `budgets` {"params": ..., "macs": ...} (None: none)."""
   names = list(dict.fromkeys([*terms, *_COSTS]))
   limits = [f"{name} <= {int(limit):,}" for name, limit in budgets.items() if limit is not None]
+  legal = [f"{design.label(gene.name)} {_ranges(gene.maxima)}"
+           + (f", and at most that layer's {design.label(gene.capped_by)}" if gene.capped_by
+              else "") for gene in space.genes]
   lines = [
       f"Task: design a mixture-of-experts image classifier with {space.num_layers} MoE "
-      f"layers. Choose each layer's number of experts and its top_k (experts per token).",
-      f"Legal values: experts {_ranges(space.max_experts)}; top_k "
-      f"{_ranges(space.max_top_k)}, and at most that layer's experts.",
+      f"layers. Choose {' and '.join(gene.doc for gene in space.genes)}.",
+      f"Legal values: {'; '.join(legal)}.",
       f"Budgets: {', '.join(limits) if limits else 'none'}.",
       f"Objectives: {_objectives(terms)}.",
   ]
@@ -58,7 +60,7 @@ def build(space: SearchSpace, results: Sequence[Mapping[str, Any]],
               for r in results]
   else:
     lines.append("No results yet.")
-  lines.append("Propose one new architecture, not listed above, likely to score higher. "
-               "Answer with one line in the format experts=[...] top_k=[...].")
+  lines.append(f"Propose one new architecture, not listed above, likely to score higher. "
+               f"Answer with one line in the format {design.line_format(space)}.")
   return (f"<|im_start|>system\n{_SYSTEM}<|im_end|>\n<|im_start|>user\n" + "\n".join(lines)
           + "<|im_end|>\n<|im_start|>assistant\n")
