@@ -45,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
       max_experts=4,
       max_top_k=2,
       moe_settings={},  # MoEFeedForward options, e.g. {"capacity_factor_train": 1.5}
+      # Width and depth genes (configs/fahana.py): multipliers of each stage's channels,
+      # ascending, the last 1.0 ((1.0,): no width gene); search_depth: each MobileViT stage's
+      # transformer layers used.
+      width_choices=(1.0,),
+      search_depth=False,
   ))
 
   # Training objectives (moenas_jax/objectives.py): "erm", "group_balanced" or "group_dro",

@@ -235,7 +235,7 @@ class BayesOpt:
     if fitted and new:
       order = np.argsort(-self._upper_bound(search_space.stack(new)), kind="stable")
       new = [new[i] for i in order[:size]]
-    return (new + old + [self.space.dense()] * size)[:size]
+    return (new + old + [self.space.smallest()] * size)[:size]
 
   def _parents(self) -> Arch:
     """The P best scored architectures (ties: the earliest), repeated to `pool_size` rows."""

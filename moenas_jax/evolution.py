@@ -143,7 +143,7 @@ class Evolution:
     size = math.ceil(settings.population_size / settings.batch_size) * settings.batch_size
     samples = [jax.tree.map(np.asarray, _sample(init_key, np.int32(i), space=space))
                for i in range(size - 2)]
-    self._initial = samples + [space.dense(), space.largest()]
+    self._initial = samples + [space.smallest(), space.largest()]
     self._population: list[tuple[Arch, float]] = []  # oldest first
     self._seen: set[tuple] = set()
     self._history: list[Record] = []

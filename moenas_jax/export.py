@@ -30,21 +30,29 @@ def standalone(supernet: nnx.Module, arch: Arch) -> nnx.Module:
   `max_top_k`) built with the candidate's values as its maxima. Expert arrays keep their
   first experts: [E, ...] feed-forward weights, [D, E] router columns, and the first n · W
   output channels of a conv expert layer (`conv_moe`: `resnet_moe`, `vgg_moe`), whose image
-  router keeps the first max(n) score columns (none if every n is 1). Every other weight and running
-  statistic is copied as is. Called without an arch, the result computes what the supernet
-  computes under `arch` (for MoE feed-forwards up to capacity: the standalone layers have
-  exactly the Switch capacity of their own sizes).
+  router keeps the first max(n) score columns (none if every n is 1). With width and depth
+  genes (`mobilevit`), the model is built with the candidate's channels and depths
+  (`staged_config`) and every weight and batch-norm statistic keeps its first channels, each
+  stage its first layers. Every other weight and running statistic is copied as is. Called
+  without an arch, the result computes what the supernet computes under `arch` (for MoE
+  feed-forwards up to capacity: the standalone layers have exactly the Switch capacity of
+  their own sizes).
   """
-  arch = supernet.search_space().validate(arch)
+  space = supernet.search_space()
+  arch = space.validate(arch)
   if arch.num_experts.ndim != 1:
     raise ValueError(f"standalone() takes one candidate, got a population of shape "
                      f"{arch.num_experts.shape}; unstack it first")
-  config = {**supernet.config, "max_experts": tuple(arch.num_experts.tolist()),
-            "max_top_k": tuple(arch.top_k.tolist())}
+  used = space.used_layers(arch.depth)
+  config = {**supernet.config, "max_experts": tuple(arch.num_experts[used].tolist()),
+            "max_top_k": tuple(arch.top_k[used].tolist())}
+  if arch.width is not None or arch.depth is not None:
+    config.update(supernet.staged_config(arch))
   model = nnx.eval_shape(lambda: type(supernet)(**config, rngs=nnx.Rngs(0)))
   state = nnx.state(model)
-  # Expert arrays, channel blocks and router columns shrink to the candidate's sizes (a
-  # prefix of each axis); one-expert layers have no router; everything else keeps its shape.
+  # Expert arrays, channels, channel blocks and router columns shrink to the candidate's
+  # sizes (a prefix of each axis), stages to their first layers; one-expert layers have no
+  # router; everything else keeps its shape.
   nnx.replace_by_pure_dict(state, _cut(nnx.to_pure_dict(state),
                                        nnx.to_pure_dict(nnx.state(supernet))))
   nnx.update(model, state)

@@ -13,7 +13,7 @@ share one measurement.
 
 The constant holds everything outside the MoE layers (stem, convolutions, attention, head) and
 what isolation misses (per-call dispatch, fusion across layers). It is the mean, over the
-calibration candidates (by default the dense and the largest one), of their measured
+calibration candidates (by default the smallest and the largest one), of their measured
 end-to-end latency minus their table sum: the least-squares intercept with the slope fixed at 1.
 Validate on candidates disjoint from those (`benchmarks/latency.py`). End-to-end latency is
 the exported model's jitted `predict` (`export.Exported`), timed by `time_calls` like the layers.
@@ -273,7 +273,13 @@ def _layer_call(shape: search_space.MoELayerShape, genes: Sequence[str], choice:
 
 
 def check_timeable(space: SearchSpace) -> None:
-  """Refuses a space with layers other than MoE feed-forwards (a table times those alone)."""
+  """Refuses a space with layers other than MoE feed-forwards (a table times those alone),
+  or with genes other than the MoE layers' (a table has no entries for widths or depths)."""
+  staged = [gene.name for gene in space.genes if gene.name not in search_space.LAYER_GENES]
+  if staged:
+    raise ValueError(f"this supernet also searches {staged}, whose latency a table (per MoE "
+                     f"layer choice) does not hold; use mac_budget, or a supernet with "
+                     f"width_choices=(1.0,) and search_depth=False")
   kinds = sorted({type(shape).__name__ for shape in space.layers} - {"MoELayerShape"})
   if kinds or space.router is not None:
     raise ValueError(f"latency tables time MoE feed-forward layers (mobilevit), this supernet "
@@ -284,7 +290,7 @@ def check_timeable(space: SearchSpace) -> None:
 def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
                   warmup: int = 5, calibration: Sequence[Arch] | None = None) -> LatencyTable:
   """Times every (layer, choice) of `supernet`'s space and calibrates the constant on the
-  `calibration` candidates (default: the dense and the largest) on this process's device."""
+  `calibration` candidates (default: the smallest and the largest) on this process's device."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   space = supernet.search_space()
@@ -292,7 +298,7 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
   genes = gene_names(space)
   moe_settings = dict(supernet.config["moe_settings"])
   if calibration is None:
-    calibration = [space.dense(), space.largest()]
+    calibration = [space.smallest(), space.largest()]
   keys = [(shape, choice) for layer, shape in enumerate(space.layers)
           for choice in layer_choices(space, layer)]
   distinct = list(dict.fromkeys(keys))  # layers of equal shape: measured once

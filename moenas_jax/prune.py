@@ -101,7 +101,7 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
 
   Returns the supernet params with each layer's kept experts first (expert weights and router
   columns permuted alike; every other weight copied unchanged), the arch with num_experts = the
-  number kept and top_k clipped to it, and per layer a report: `usage` of the active experts,
+  number kept and top_k clipped to it (its other genes unchanged), and per layer a report: `usage` of the active experts,
   `kept` and `removed` (original expert indices; new expert i is old `kept[i]`), `num_experts`
   and `top_k` as (before, after). The most used expert stays even if below the threshold.
   Under the new arch the pruned params send every token to the same experts as the old ones
@@ -130,7 +130,9 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
       raise ValueError(f"num_experts[{layer}] = {n} exceeds the {size} experts of MoE layer "
                        f"{layer}")
   if conv_blocks:
-    return _prune_pathways(params, num_experts, top_k, usage, min_fraction, conv_blocks)
+    params, pruned, report = _prune_pathways(params, num_experts, top_k, usage, min_fraction,
+                                             conv_blocks)
+    return params, arch.replace(num_experts=pruned.num_experts, top_k=pruned.top_k), report
   axes = _expert_axes()
   permuted, report = {}, []
   for layer, ((path, leaves), size) in enumerate(zip(layers.items(), sizes)):
@@ -148,7 +150,7 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
                    "num_experts": (n, len(kept)), "top_k": (k, int(top_k[layer]))})
   new_params = nnx.map_state(
       lambda path, variable: variable.copy(permuted.get(path, variable.get_value())), params)
-  return new_params, Arch(num_experts, top_k), report
+  return new_params, arch.replace(num_experts=num_experts, top_k=top_k), report
 
 
 def _conv_blocks(params: nnx.State) -> list[tuple[int, int, list[Path]]]:

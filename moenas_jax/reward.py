@@ -293,8 +293,9 @@ class RewardSpec:
     """Refuses, before anything compiles, a params, MACs or latency budget no candidate can
     meet (`BudgetError`), and a latency term without a `latency_table`.
 
-    The smallest candidate is `space.dense()` (one expert, top-1 in every layer): parameters
-    grow with every expert count and MACs with every expert count and top-k (see
+    The smallest candidate is `space.smallest()` (every gene at 1: one expert, top-1, and
+    the narrowest width and depth 1 where searched): parameters grow with every expert
+    count, width and depth and MACs also with every top-k (see
     `SearchSpace.params` and `SearchSpace.macs`). The fastest latency is the table's sum of
     per-layer minima plus its constant (`LatencyTable.minimum_ms`).
     """
@@ -302,8 +303,8 @@ class RewardSpec:
       raise BudgetError("latency_ms", "a latency_ms term needs a latency table; build one "
                         "with python -m benchmarks.latency --output=<file> on the target "
                         "device and give it (config.search.latency_table)")
-    counts = {"params": (lambda: int(space.params(space.dense())), "parameters", ","),
-              "macs": (lambda: int(space.macs(space.dense())), "MACs per image", ","),
+    counts = {"params": (lambda: int(space.params(space.smallest())), "parameters", ","),
+              "macs": (lambda: int(space.macs(space.smallest())), "MACs per image", ","),
               "latency_ms": (lambda: latency_table.minimum_ms(), "ms", ".4g")}
     for term in self.budgets:
       if term.metric not in counts:
@@ -314,8 +315,8 @@ class RewardSpec:
         field = _CONFIG_FIELD_OF.get(term.metric)
         where = f" (config.reward.{field})" if field else ""
         smallest = ("fastest candidate (per layer its fastest choice, plus the table's "
-                    "constant)" if term.metric == "latency_ms" else "smallest candidate (the "
-                    "dense model: one expert, top-1 in every layer)")
+                    "constant)" if term.metric == "latency_ms" else "smallest candidate (every "
+                    "gene at 1: one expert, top-1 in every layer)")
         raise BudgetError(term.metric, f"the {term.metric} budget {term.budget:{spec}} is "
                           f"below the {minimum:{spec}} {unit} of the {smallest}, so no "
                           f"candidate fits; raise it{where} to at least {minimum:{spec}} or "

@@ -219,6 +219,24 @@ class ImageRouterShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class WidthBlock:
+  """A block whose costs follow the active widths of its input and output: `params[i][j]`,
+  `macs[i][j]` at value i + 1 of gene `width` at position `source` and value j + 1 at
+  `target` (None: a width that is not searched, one row or column)."""
+
+  source: int | None
+  target: int | None
+  params: tuple[tuple[int, ...], ...]
+  macs: tuple[tuple[int, ...], ...]
+
+  def costs(self, width: np.ndarray | None, cost: str) -> np.ndarray:
+    """params or macs of candidates with width values [..., positions] (None: no gene)."""
+    def index(position):
+      return 0 if width is None or position is None else width[..., position] - 1
+    return np.asarray(getattr(self, cost), np.int64)[index(self.source), index(self.target)]
+
+
+@dataclasses.dataclass(frozen=True)
 class Gene:
   """A searched `Arch` field: one value per position, legal values 1..maxima[position].
 
@@ -250,6 +268,10 @@ def _check_genes(genes: Sequence[Gene]) -> None:
     seen[gene.name] = gene
 
 
+# The genes with one value per MoE layer; a layer beyond its stage's depth holds value 1.
+LAYER_GENES = ("num_experts", "top_k")
+
+
 def _first(bad: np.ndarray) -> tuple[int, ...]:
   """The index of the first True of `bad`."""
   return tuple(int(i) for i in np.argwhere(bad)[0])
@@ -264,6 +286,14 @@ class SearchSpace:
   `MoELayerShape`, `ConvMoELayerShape`) and an optional image-level `router`
   (`ImageRouterShape`) add what the candidate activates (see `params`, `macs`). The genes
   searched are the table `genes`.
+
+  Width and depth genes (a supernet with stages, OFA-style): `width_maxima` gives the number
+  of width choices per searched stage (empty: no `width` gene); `width_blocks` price the
+  blocks whose costs follow those widths (and are not in the base). `depth_maxima` gives each
+  stage's MoE layers, in layer order (empty: no `depth` gene; layer i of stage s is used while
+  i < depth[s]); `layer_costs` are (params, MACs) of each MoE layer's surroundings (attention,
+  norms), counted while the layer is used. A candidate is canonical: the MoE genes of an
+  unused layer are 1 (`clip`, `validate`), so one network has one `Arch.key()`.
   """
 
   max_experts: tuple[int, ...]
@@ -272,12 +302,22 @@ class SearchSpace:
   base_params: int
   base_macs: int
   router: ImageRouterShape | None = None
+  width_maxima: tuple[int, ...] = ()
+  width_blocks: tuple[WidthBlock, ...] = ()
+  depth_maxima: tuple[int, ...] = ()
+  layer_costs: tuple[tuple[int, int], ...] = ()
 
   def __post_init__(self):
     if not len(self.max_experts) == len(self.max_top_k) == len(self.layers):
       raise ValueError(f"max_experts ({len(self.max_experts)}), max_top_k "
                        f"({len(self.max_top_k)}) and layers ({len(self.layers)}) must have "
                        f"one entry per MoE layer")
+    if self.depth_maxima and sum(self.depth_maxima) != self.num_layers:
+      raise ValueError(f"depth_maxima {self.depth_maxima} must add up to the "
+                       f"{self.num_layers} MoE layers")
+    if self.layer_costs and len(self.layer_costs) != self.num_layers:
+      raise ValueError(f"layer_costs needs one (params, MACs) per MoE layer, got "
+                       f"{len(self.layer_costs)} for {self.num_layers}")
     _check_genes(self.genes)
 
   @property
@@ -287,15 +327,37 @@ class SearchSpace:
   @property
   def genes(self) -> tuple[Gene, ...]:
     """The searched genes, in `Arch` field order (each after the gene that caps it)."""
-    return (Gene("num_experts", tuple(self.max_experts), None,
+    genes = (Gene("num_experts", tuple(self.max_experts), None,
                  "each layer's number of experts"),
             Gene("top_k", tuple(self.max_top_k), "num_experts",
                  "its top_k (experts per token)"))
+    if self.width_maxima:
+      genes += (Gene("width", tuple(self.width_maxima), None,
+                     "each stage's width (1 = the narrowest choice)", "stage"),)
+    if self.depth_maxima:
+      genes += (Gene("depth", tuple(self.depth_maxima), None,
+                     "each transformer stage's depth (its first layers used; the "
+                     "others' experts and top_k are ignored)", "stage"),)
+    return genes
+
+  def used_layers(self, depth: Any) -> Any:
+    """[..., L] bool: the MoE layers within their stage's depth, for depth values [..., S]
+    (NumPy or JAX arrays); every layer without a depth gene."""
+    if not self.depth_maxima or depth is None:
+      return np.ones(self.num_layers, bool)
+    stage = np.repeat(np.arange(len(self.depth_maxima)), self.depth_maxima)
+    index = np.concatenate([np.arange(d) for d in self.depth_maxima])
+    return index < depth[..., stage]
 
   def _legal_maxima(self, gene: Gene, values: dict[str, Any]) -> jax.Array:
-    """[n]: each position's largest legal value of `gene`, given the genes that cap it."""
+    """[n]: each position's largest legal value of `gene`, given the genes that cap it (and
+    1 for a MoE layer beyond its stage's depth)."""
     maxima = jnp.asarray(gene.maxima, jnp.int32)
-    return maxima if gene.capped_by is None else jnp.minimum(maxima, values[gene.capped_by])
+    if gene.capped_by is not None:
+      maxima = jnp.minimum(maxima, values[gene.capped_by])
+    if gene.name in LAYER_GENES and "depth" in values:
+      maxima = jnp.where(self.used_layers(values["depth"]), maxima, 1)
+    return maxima
 
   def largest(self) -> Arch:
     """Every gene at its largest legal value (every expert active, the maximal top-k)."""
@@ -304,9 +366,17 @@ class SearchSpace:
       values[gene.name] = self._legal_maxima(gene, values)
     return Arch(**{name: np.asarray(v, np.int32) for name, v in values.items()})
 
-  def dense(self) -> Arch:
-    """Every gene at 1 (one expert, top-1 everywhere): the dense model."""
+  def smallest(self) -> Arch:
+    """Every gene at 1: one expert, top-1, the narrowest width and depth 1."""
     return Arch(**{gene.name: np.ones(len(gene.maxima), np.int32) for gene in self.genes})
+
+  def dense(self) -> Arch:
+    """The dense model: one expert and top-1 in every layer, every other gene at its largest
+    (full width and depth); `smallest()` where the space has no other genes."""
+    values = present(self.largest())
+    for name in LAYER_GENES:
+      values[name] = np.ones_like(values[name])
+    return Arch(**values)
 
   def sample(self, key: jax.Array) -> Arch:
     """Each gene in table order, uniform per position in 1..min(maximum, cap) (an expert
@@ -315,7 +385,7 @@ class SearchSpace:
     for gene, gene_key in zip(self.genes, jax.random.split(key, len(self.genes))):
       values[gene.name] = jax.random.randint(gene_key, (len(gene.maxima),), 1,
                                              self._legal_maxima(gene, values) + 1)
-    return Arch(**values)
+    return self.clip(Arch(**values))
 
   def sample_population(self, key: jax.Array, size: int) -> Arch:
     return jax.vmap(self.sample)(jax.random.split(key, size))
@@ -349,15 +419,25 @@ class SearchSpace:
     return arch
 
   def clip(self, arch: Arch) -> Arch:
-    """`arch` with each capped gene lowered to the gene that caps it where above (pure JAX)."""
+    """`arch` with each capped gene lowered to the gene that caps it where above, and the
+    MoE genes of layers beyond their stage's depth set to 1 (canonical; pure JAX)."""
     values = present(arch)
     for gene in self.genes:
       if gene.capped_by is not None:
         values[gene.name] = jnp.minimum(values[gene.name], values[gene.capped_by])
+    return self._canonical(values, jnp)
+
+  def _canonical(self, values: dict[str, Any], xp: Any) -> Arch:
+    """The MoE genes of layers beyond their stage's depth set to 1 (xp: jnp or np)."""
+    if "depth" in values:
+      used = self.used_layers(xp.asarray(values["depth"]))
+      for name in LAYER_GENES:
+        values[name] = xp.where(used, values[name], 1).astype(values[name].dtype)
     return Arch(**values)
 
   def validate(self, arch: Arch) -> Arch:
-    """Checks one candidate or a population on the host; returns it as int32 NumPy arrays.
+    """Checks one candidate or a population on the host; returns it, canonical (`clip`:
+    the MoE genes of layers beyond their stage's depth set to 1), as int32 NumPy arrays.
 
     Raises ValueError naming the first bad gene, position and value and its legal range.
     """
@@ -395,10 +475,12 @@ class SearchSpace:
     return Arch(**values)
 
   def params(self, arch: Arch) -> np.ndarray:
-    """Stored parameters of the standalone model with only the active experts."""
+    """Stored parameters of the standalone model with only the active experts (and its
+    widths and depths)."""
     experts = np.asarray(arch.num_experts, np.int64)
-    total = sum(layer.params(experts[..., i]) for i, layer in enumerate(self.layers))
-    return self.base_params + total + self._router(experts, "params")
+    layers = [layer.params(experts[..., i]) for i, layer in enumerate(self.layers)]
+    return (self.base_params + self._staged(arch, layers, 0, "params")
+            + self._router(experts, "params"))
 
   def macs(self, arch: Arch) -> np.ndarray:
     """Multiply-accumulates per image on the active path.
@@ -408,9 +490,17 @@ class SearchSpace:
     """
     experts = np.asarray(arch.num_experts, np.int64)
     top_k = np.asarray(arch.top_k, np.int64)
-    total = sum(layer.macs(experts[..., i], top_k[..., i])
-                for i, layer in enumerate(self.layers))
-    return self.base_macs + total + self._router(experts, "macs")
+    layers = [layer.macs(experts[..., i], top_k[..., i]) for i, layer in enumerate(self.layers)]
+    return self.base_macs + self._staged(arch, layers, 1, "macs") + self._router(experts, "macs")
+
+  def _staged(self, arch: Arch, layers: list[np.ndarray], column: int, cost: str) -> Any:
+    """The MoE layers' costs (with their `layer_costs`) where used, plus the width blocks'."""
+    depth = None if arch.depth is None else np.asarray(arch.depth, np.int64)
+    width = None if arch.width is None else np.asarray(arch.width, np.int64)
+    used = self.used_layers(depth)
+    total = sum(used[..., i] * (value + (self.layer_costs[i][column] if self.layer_costs
+                                         else 0)) for i, value in enumerate(layers))
+    return total + sum(block.costs(width, cost) for block in self.width_blocks)
 
   def _router(self, experts: np.ndarray, cost: str) -> np.ndarray:
     return 0 if self.router is None else getattr(self.router, cost)(experts)

@@ -272,6 +272,17 @@ def _check_model_section(config: Any) -> None:
   experts = _integer(config, "model.max_experts", 1, "e.g. 4")
   _integer(config, "model.max_top_k", 1, f"at most config.model.max_experts={experts}",
            maximum=experts)
+  if "width_choices" in config.model:
+    choices = config.model.width_choices
+    if (not isinstance(choices, (tuple, list)) or not choices
+        or any(not _is_number(m) or not 0 < m <= 1 for m in choices)
+        or list(choices) != sorted(set(choices)) or choices[-1] != 1):
+      raise ConfigError("model.width_choices", choices, "must be distinct ascending width "
+                        "multipliers in (0, 1] ending with 1.0 (the full width)",
+                        "e.g. (0.5, 0.75, 1.0), or (1.0,) for no width gene")
+  if "search_depth" in config.model and not isinstance(config.model.search_depth, bool):
+    raise ConfigError("model.search_depth", config.model.search_depth, "must be True or "
+                      "False", "True searches each MobileViT stage's depth")
 
 
 def _check_supernet_section(config: Any) -> None:

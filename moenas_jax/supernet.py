@@ -1,7 +1,8 @@
 """Supernet training: every step trains K sampled architectures at once, vmapped over arch.
 
 Sandwich rule (Yu & Huang, BigNAS / slimmable networks): each step's K candidates are the
-largest, the smallest (dense) and K − 2 random ones, so the extremes of the space are always
+largest, the smallest (every gene at 1: one expert, top-1, narrowest, shallowest) and K − 2
+random ones, so the extremes of the space are always
 trained. Loss (`loss.update`) = the training objective (`objectives.py`, e.g. ERM or group
 DRO) over the K candidates' cross-entropies, plus the mean of their routing aux losses; the
 objective's state travels with the optimizer state. The gradient is taken once for the shared
@@ -81,8 +82,8 @@ def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
 
 
 def sandwich(space: SearchSpace, key: jax.Array, num_archs: int) -> Arch:
-  """[K, L] candidates: the largest, the dense (smallest) and K − 2 random ones."""
-  extremes = [space.largest(), space.dense()][:num_archs]
+  """[K, L] candidates: the largest, the smallest and K − 2 random ones."""
+  extremes = [space.largest(), space.smallest()][:num_archs]
   fixed = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x, jnp.int32) for x in v]), *extremes)
   if num_archs <= 2:
     return fixed

@@ -10,6 +10,7 @@ import pytest
 from moenas_jax import bayesopt, controllers, search_space
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
 from synthetic_search import BEST, SPACE, STAGED, run
+from synthetic_search import WIDTH_DEPTH, check_width_depth_proposals
 from synthetic_search import cycles as _cycles
 from synthetic_search import keys as _keys
 from synthetic_search import reward as _reward
@@ -164,3 +165,11 @@ def test_every_gene_of_the_table_is_featurised_sampled_and_mutated():
     told.update(_keys(archs))
     controller.tell(archs, search_space.features(STAGED, archs).sum(-1))
   assert len(told) == 12
+
+
+def test_bo_asks_and_tells_width_and_depth_genes():
+  controller = _bo(WIDTH_DEPTH, surrogate="ridge", warmup=4)
+  for _ in range(3):
+    archs = controller.ask()
+    check_width_depth_proposals(archs)
+    controller.tell(archs, -WIDTH_DEPTH.macs(archs).astype(float))

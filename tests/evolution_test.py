@@ -12,6 +12,7 @@ from moenas_jax.compilation import count_compilations
 from moenas_jax.controllers import ScoreCache
 from moenas_jax.evolution import Evolution, EvolutionSettings, Record, select
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace
+from synthetic_search import WIDTH_DEPTH, check_width_depth_proposals
 
 SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
                     layers=(MoELayerShape(8, 16, 10),) * 4, base_params=0, base_macs=0)
@@ -257,3 +258,15 @@ def test_evolution_improves_the_reward():
   # found an arch better than every initial member (seed 0: mean -14.0 -> -4.7, best -1).
   assert final.mean() > initial.mean() + 3
   assert evolution.best()[1] > initial.max()
+
+
+def test_evolution_asks_and_tells_width_and_depth_genes():
+  controller = Evolution(WIDTH_DEPTH, EvolutionSettings(population_size=8, tournament_size=3,
+                                                        batch_size=4, seed=0))
+  batches = []
+  for _ in range(4):  # two cycles fill the population, two mutate it
+    archs = controller.ask()
+    check_width_depth_proposals(archs)
+    batches.append(_keys(archs))
+    controller.tell(archs, -WIDTH_DEPTH.macs(archs).astype(float))
+  assert WIDTH_DEPTH.smallest().key() in batches[1] and WIDTH_DEPTH.largest().key() in batches[1]

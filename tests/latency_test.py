@@ -215,3 +215,14 @@ def test_a_conv_moe_space_is_refused_before_timing():
     latency.measure_table(model, repeats=1)
   with pytest.raises(ValueError, match="use mac_budget"):
     _table(SPACE).check(model.search_space())
+
+
+def test_a_space_with_width_or_depth_genes_is_refused_before_timing():
+  model = nnx.eval_shape(lambda: models.build(
+      "mobilevit_v2", num_classes=2, width_multiplier=0.25, depths=(1, 1, 1), max_experts=2,
+      width_choices=(0.5, 1.0), search_depth=True, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"also searches \['width', 'depth'\], whose latency a "
+                                       r"table .* does not hold; use mac_budget"):
+    latency.measure_table(model, repeats=1)
+  with pytest.raises(ValueError, match="use mac_budget"):
+    _table(SPACE).check(model.search_space())

@@ -18,6 +18,7 @@ from moenas_jax import controllers, search_space  # noqa: E402
 from moenas_jax.llm import controller as llm, decoder, design, gguf_model  # noqa: E402
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace  # noqa: E402
 from synthetic_search import SPACE, STAGED, run  # noqa: E402
+from synthetic_search import WIDTH_DEPTH, check_width_depth_proposals  # noqa: E402
 from synthetic_search import reward as _reward  # noqa: E402
 
 TINY = gguf_model.LlamaConfig(vocab_size=0, dim=16, hidden=24, num_layers=2, num_heads=4,
@@ -248,7 +249,7 @@ def test_proposals_are_valid_and_the_prompt_carries_the_feedback(tiny_path):
   params = int(SPACE.params(search_space.stack([best_arch]))[0])
   assert (f"{design.render(best_arch)} reward={best['reward']:.4f} "
           f"accuracy={0.5 + best['reward'] / 100:.4g} params={params}") in text
-  assert "experts 1..8 in every layer; top_k 1..2 in every layer" in text
+  assert "experts 1..8 in every MoE layer; top_k 1..2 in every MoE layer" in text
   assert f"params <= {budget:,}" in text and "maximise reward = 1*accuracy" in text
   second = _cycle(controller)
   for archs in (first, second):
@@ -336,3 +337,15 @@ def test_smollm2_answers_a_question_and_proposes_valid_architectures():
   controller = _llm(design.DesignGenerator(model, SPACE), batch=2)
   SPACE.validate(_cycle(controller))
   assert controller.stats()["llm_proposals"] == 2
+
+
+def test_the_llm_asks_and_tells_width_and_depth_genes(tiny_path):
+  settings = controllers.settings("llm", population_size=8, tournament_size=2, batch_size=4,
+                                  seed=0, llm_options={"model": str(tiny_path)})
+  controller = llm.LLMSearch(WIDTH_DEPTH, settings)
+  for _ in range(2):
+    archs = controller.ask()
+    check_width_depth_proposals(archs)
+    controller.tell(archs, -WIDTH_DEPTH.macs(archs).astype(float))
+  prompt = controller.last_prompt
+  assert "width 1..3 in every stage; depth stage 0: 1..1, stage 1: 1..2" in prompt

@@ -189,3 +189,81 @@ def test_the_stem_stride_follows_the_input_so_a_64px_input_costs_what_a_32px_one
   assert macs(64, stem_stride=1)[1] == 4 * (macs_32 - head) + head
   with pytest.raises(ValueError, match="stem_stride must be 1, 2 or None"):
     _abstract(name, num_classes=2, stem_stride=3, **SMALL[name])
+
+
+WIDTH_DEPTH = dict(num_classes=5, width_multiplier=0.25, depths=(1, 2, 1), max_experts=4,
+                   max_top_k=2, width_choices=(0.5, 0.75, 1.0), search_depth=True)
+
+
+def test_width_and_depth_candidates_are_masks_under_one_compile():
+  model = mobilevit.MobileViTV2(rngs=nnx.Rngs(0), **WIDTH_DEPTH)
+  space = model.search_space()
+  assert [(gene.name, gene.maxima, gene.unit) for gene in space.genes[2:]] == [
+      ("width", (3,) * 5, "stage"), ("depth", (1, 2, 1), "stage")]
+  # Width 0.25: stages of 16, 32, 64, 96, 128 channels; make_divisible(c * m, 8) per choice.
+  assert model.stage_channels == ((8, 16, 16), (16, 24, 32), (32, 48, 64), (48, 72, 96),
+                                  (64, 96, 128))
+  graphdef, params, state = models.split(model)
+
+  def outputs(arch, images):
+    logits, _, aux = models.apply(graphdef, params, state, images, arch)
+    return logits, aux
+
+  population_outputs = jax.jit(jax.vmap(outputs, in_axes=(0, None)))
+  images = jax.random.normal(jax.random.key(3), (3, 32, 32, 3))
+  first = space.sample_population(jax.random.key(4), 6)
+  second = space.sample_population(jax.random.key(5), 6)
+  with count_compilations() as seen:
+    logits, aux = population_outputs(first, images)
+    jax.block_until_ready(population_outputs(second, images))
+  assert seen.of("outputs") == 1
+  single = jax.jit(outputs)
+  for p, arch in enumerate(search_space.unstack(first)):
+    np.testing.assert_allclose(logits[p], single(arch, images)[0], rtol=1e-5, atol=1e-5)
+  # A layer beyond its stage's depth counts nothing: stage 1's second layer is MoE layer 2.
+  depth = np.asarray(first.depth)
+  assert (np.asarray(aux["expert_counts"][2]).sum(-1)[depth[:, 1] == 1] == 0).all()
+  assert (np.asarray(aux["drop_fraction"])[depth[:, 1] == 1, 2] == 0).all()
+  assert len({tuple(np.round(row, 4)) for row in np.asarray(logits)}) == 6
+
+
+def test_a_layer_beyond_the_depth_passes_its_input_through():
+  model = mobilevit.MobileViTV2(rngs=nnx.Rngs(0), **WIDTH_DEPTH)
+  space = model.search_space()
+  images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  arch = space.validate(space.sample(jax.random.key(1)))
+  shallow = arch.replace(depth=np.array([1, 1, 1], np.int32))
+  # The same network with stage 1's second layer given other experts: the same logits.
+  other = shallow.replace(num_experts=shallow.num_experts.copy())
+  other.num_experts[2] = 4
+  np.testing.assert_array_equal(model(images, shallow)[0], model(images, other)[0])
+  assert space.validate(other).key() == space.validate(shallow).key()  # unused layers at 1
+  assert not np.allclose(model(images, shallow)[0], model(images, arch.replace(
+      depth=np.array([1, 2, 1], np.int32), num_experts=other.num_experts))[0])
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(width_choices=(0.5, 0.75)), r"ending with 1.0 .* got \(0.5, 0.75\)"),
+    (dict(width_choices=(0.75, 0.5, 1.0)), r"ascending .* got \(0.75, 0.5, 1.0\)"),
+    (dict(width_choices=(0.0, 1.0)), r"in \(0, 1\]"),
+    (dict(width_choices=(0.5, 1.5)), r"in \(0, 1\]"),
+    (dict(search_depth=1), "search_depth must be True or False, got 1"),
+    (dict(stage_widths=(8, 16)), "stage_widths must be 5 positive channel counts"),
+])
+def test_bad_width_and_depth_options_fail_at_construction(config, message):
+  with pytest.raises(ValueError, match=message):
+    models.build("mobilevit_v2", num_classes=2, rngs=nnx.Rngs(0), **config)
+
+
+def test_a_width_supernet_names_a_missing_gene_and_its_dense_model_is_full():
+  model = _abstract("mobilevit_v2", **WIDTH_DEPTH)
+  images = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match=r"searches gene width \(\[5\] values\); got "
+                                       r"arch.width = None"):
+    jax.eval_shape(lambda: model(images, search_space.Arch(np.ones(4, np.int32),
+                                                           np.ones(4, np.int32))))
+  dense = _abstract("mobilevit_v2_dense", **WIDTH_DEPTH)
+  space = model.search_space()
+  assert costs.count_params(dense) == int(space.params(space.dense()))
+  assert costs.count_params(model) == int(space.params(space.largest()))
+  assert space.params(space.smallest()) < space.params(space.dense())

@@ -94,9 +94,10 @@ def test_stack_and_unstack_round_trip():
   assert [a.key() for a in search_space.unstack(population)] == [a.key() for a in archs]
 
 
-def test_largest_and_dense():
+def test_largest_dense_and_smallest():
   assert search_space.to_dict(SPACE.largest()) == {"num_experts": [8] * 5, "top_k": [2] * 5}
   assert search_space.to_dict(SPACE.dense()) == {"num_experts": [1] * 5, "top_k": [1] * 5}
+  assert SPACE.smallest().key() == SPACE.dense().key()
 
 
 @pytest.mark.parametrize("experts, top_k, message", [
@@ -222,8 +223,11 @@ def test_sampling_follows_the_gene_table():
                              (width[:, 2] == 4).sum(), 1 / 3, atol=0.07)
   assert search_space.to_dict(STAGED.largest()) == {
       "num_experts": [4, 2], "top_k": [2, 2], "width": [3, 1, 4], "depth": [2, 1, 3]}
-  assert search_space.to_dict(STAGED.dense()) == {
+  assert search_space.to_dict(STAGED.smallest()) == {
       "num_experts": [1, 1], "top_k": [1, 1], "width": [1, 1, 1], "depth": [1, 1, 1]}
+  # The dense model: one expert, top-1, every other gene at its largest.
+  assert search_space.to_dict(STAGED.dense()) == {
+      "num_experts": [1, 1], "top_k": [1, 1], "width": [3, 1, 4], "depth": [2, 1, 3]}
 
 
 def test_mutation_follows_the_gene_table():
@@ -266,7 +270,7 @@ def test_validate_names_the_gene_position_and_value(genes, message):
 
 
 def test_features_follow_the_gene_table():
-  archs = STAGED.validate(search_space.stack([STAGED.largest(), STAGED.dense()]))
+  archs = STAGED.validate(search_space.stack([STAGED.largest(), STAGED.smallest()]))
   # Columns: experts and top-k of 2 layers, width and depth of 3 stages, value / maximum;
   # the largest depth[1] is 1 of 2, capped by its stage's width.
   np.testing.assert_allclose(search_space.features(STAGED, archs),

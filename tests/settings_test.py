@@ -28,6 +28,12 @@ BAD_VALUES = [
     ("model.width_multiplier", 0.0, r"must be a finite number in \(0, 8\]"),
     ("model.max_experts", 0, "must be an integer >= 1"),
     ("model.max_top_k", 5, r"must be an integer in 1..3; at most config.model.max_experts=3"),
+    ("model.width_choices", (0.0, 1.0), r"must be distinct ascending width multipliers in "
+                                        r"\(0, 1\] ending with 1.0"),
+    ("model.width_choices", (0.5, 1.25), r"in \(0, 1\]"),
+    ("model.width_choices", (0.75, 0.5, 1.0), "ascending"),
+    ("model.width_choices", (0.5, 0.75), "ending with 1.0; e.g. \\(0.5, 0.75, 1.0\\)"),
+    ("model.search_depth", None, "must be True or False"),
     ("supernet.steps", 0, "must be an integer >= 1"),
     ("supernet.batch_size", 0, "must be an integer >= 1"),
     ("supernet.archs_per_step", 1, "the sandwich rule trains the largest and the smallest"),
@@ -154,9 +160,9 @@ def test_a_value_too_large_for_the_data_is_refused_before_compiling(tmp_path_fac
   assert not (workdir / "checkpoints").exists()
 
 
-def test_the_smoke_and_default_configs_pass(tmp_path):
-  from configs import default, utkface_cpu
-  for config in (smoke.get_config(), default.get_config()):
+def test_the_smoke_default_and_fahana_configs_pass(tmp_path):
+  from configs import default, fahana, utkface_cpu
+  for config in (smoke.get_config(), default.get_config(), fahana.get_config()):
     settings.check(config, tmp_path)
   config = utkface_cpu.get_config()
   config.data.manual_dir = str(tmp_path)  # no archive there: named before anything else

@@ -4,7 +4,7 @@ one known optimum, and the search loop run straight or killed and resumed."""
 import numpy as np
 
 from moenas_jax import candidate_log, controllers, search_space
-from moenas_jax.search_space import Arch, Gene, MoELayerShape, SearchSpace
+from moenas_jax.search_space import Arch, Gene, MoELayerShape, SearchSpace, WidthBlock
 
 # 15 settings per layer (1 expert, or 2..8 experts at top-1 or top-2): 15^4 = 50625 archs.
 SPACE = SearchSpace(max_experts=(8,) * 4, max_top_k=(2,) * 4,
@@ -23,6 +23,24 @@ class StagedSpace(SearchSpace):
 
 STAGED = StagedSpace(max_experts=(4, 2), max_top_k=(2, 2), layers=(MoELayerShape(4, 4, 4),) * 2,
                      base_params=0, base_macs=0)
+# The width and depth genes of a supernet with stages (`mobilevit`): 3 MoE layers in stages of
+# depth 1 and 2, 3 width choices at 2 positions, one block priced by both widths.
+WIDTH_DEPTH = SearchSpace(
+    max_experts=(4,) * 3, max_top_k=(2,) * 3, layers=(MoELayerShape(4, 8, 4),) * 3,
+    base_params=100, base_macs=1000, width_maxima=(3, 3), depth_maxima=(1, 2),
+    width_blocks=(WidthBlock(0, 1, ((1, 2, 3), (2, 4, 6), (3, 6, 9)),
+                             ((10, 20, 30), (20, 40, 60), (30, 60, 90))),),
+    layer_costs=((5, 50),) * 3)
+
+
+def check_width_depth_proposals(archs):
+  """Legal, canonical (a layer beyond its depth at 1 expert) and varied width/depth proposals."""
+  valid = WIDTH_DEPTH.validate(archs)
+  assert keys(valid) == keys(archs)
+  assert (valid.num_experts[valid.depth[:, 1] == 1, 2] == 1).all()
+  assert len({tuple(row) for row in valid.width}) > 1
+
+
 BEST = Arch(np.array([5, 2, 7, 3]), np.array([2, 1, 2, 1]))
 
 

@@ -9,6 +9,7 @@ import pytest
 from moenas_jax import controllers, search_space, tpe
 from moenas_jax.search_space import Arch
 from synthetic_search import SPACE, STAGED, run
+from synthetic_search import WIDTH_DEPTH, check_width_depth_proposals
 from synthetic_search import cycles as _cycles
 from synthetic_search import keys as _keys
 from synthetic_search import reward as _reward
@@ -126,3 +127,12 @@ def test_every_gene_of_the_table_is_searched_with_caps_clipped():
   for _ in range(2):
     archs = STAGED.validate(controller.ask())
     controller.tell(archs, search_space.features(STAGED, archs).sum(-1))
+
+
+def test_optuna_asks_and_tells_width_and_depth_genes():
+  controller = controllers.make("optuna", WIDTH_DEPTH, population_size=8, tournament_size=2,
+                                batch_size=4, seed=0, optuna={"startup_trials": 4})
+  for _ in range(3):
+    archs = controller.ask()
+    check_width_depth_proposals(archs)
+    controller.tell(archs, -WIDTH_DEPTH.macs(archs).astype(float))

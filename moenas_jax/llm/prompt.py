@@ -15,10 +15,12 @@ _SYSTEM = "You are an expert in neural architecture search for edge devices."
 _COSTS = ("params", "macs")
 
 
-def _ranges(maxima: Sequence[int]) -> str:
-  if len(set(maxima)) == 1:
-    return f"1..{maxima[0]} in every layer"
-  return ", ".join(f"layer {layer}: 1..{maximum}" for layer, maximum in enumerate(maxima))
+def _ranges(gene: search_space.Gene) -> str:
+  """A gene's legal values per position, named by its unit ("MoE layer", "stage")."""
+  if len(set(gene.maxima)) == 1:
+    return f"1..{gene.maxima[0]} in every {gene.unit}"
+  return ", ".join(f"{gene.unit} {position}: 1..{maximum}"
+                   for position, maximum in enumerate(gene.maxima))
 
 
 def _objectives(terms: Mapping[str, Mapping[str, Any]]) -> str:
@@ -44,9 +46,9 @@ def build(space: SearchSpace, results: Sequence[Mapping[str, Any]],
   table (`RewardSpec.to_dict()`), `budgets` {"params": ..., "macs": ...} (None: none)."""
   names = list(dict.fromkeys([*terms, *_COSTS]))
   limits = [f"{name} <= {int(limit):,}" for name, limit in budgets.items() if limit is not None]
-  legal = [f"{design.label(gene.name)} {_ranges(gene.maxima)}"
-           + (f", and at most that layer's {design.label(gene.capped_by)}" if gene.capped_by
-              else "") for gene in space.genes]
+  legal = [f"{design.label(gene.name)} {_ranges(gene)}"
+           + (f", and at most that {gene.unit}'s {design.label(gene.capped_by)}"
+              if gene.capped_by else "") for gene in space.genes]
   lines = [
       f"Task: design a mixture-of-experts image classifier with {space.num_layers} MoE "
       f"layers. Choose {' and '.join(gene.doc for gene in space.genes)}.",

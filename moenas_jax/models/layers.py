@@ -24,6 +24,11 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
   return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+def mask_channels(x: jax.Array, count: jax.Array | int) -> jax.Array:
+  """x [..., C] with the channels from `count` on set to 0 (a width gene's active prefix)."""
+  return x * (jnp.arange(x.shape[-1]) < count).astype(x.dtype)
+
+
 def out_size(size: int, stride: int) -> int:
   """Spatial size after a SAME-padded layer with this stride."""
   return math.ceil(size / stride)
@@ -79,9 +84,19 @@ class ConvBN(nnx.Module):
     return ACTIVATIONS[self.activation](x) if self.activation else x
 
   def macs(self, height: int, width: int) -> int:
+    return self.costs(height, width)[1]
+
+  def costs(self, height: int, width: int, in_channels: int | None = None,
+            out_channels: int | None = None) -> tuple[int, int]:
+    """(params, MACs per image) at these channel counts (None: as built), as the same layer
+    built at them (a depthwise conv stays depthwise): the kernel and the norm's scale and
+    bias; the conv's MACs."""
+    cin = self.in_channels if in_channels is None else in_channels
+    cout = self.out_channels if out_channels is None else out_channels
+    fan_in = 1 if self.groups == self.in_channels else cin // self.groups
     positions = out_size(height, self.stride) * out_size(width, self.stride)
-    return (positions * self.kernel ** 2 * (self.in_channels // self.groups)
-            * self.out_channels)
+    kernel = self.kernel ** 2 * fan_in * cout
+    return kernel + 2 * cout, positions * kernel
 
 
 class InvertedResidual(nnx.Module):
@@ -89,7 +104,8 @@ class InvertedResidual(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int, expand_ratio: float,
                activation: str, rngs: nnx.Rngs):
-    hidden = int(round(in_channels * expand_ratio))
+    self.expand_ratio = expand_ratio
+    hidden = self.hidden_for(in_channels)
     self.expand = (ConvBN(in_channels, hidden, 1, activation=activation, rngs=rngs)
                    if expand_ratio != 1 else None)
     self.depthwise = ConvBN(hidden, hidden, 3, stride=stride, groups=hidden,
@@ -97,16 +113,47 @@ class InvertedResidual(nnx.Module):
     self.project = ConvBN(hidden, out_channels, 1, activation=None, rngs=rngs)
     self.residual = stride == 1 and in_channels == out_channels
     self.stride = stride
+    self.in_channels, self.out_channels = in_channels, out_channels
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.expand(x, train) if self.expand is not None else x
-    y = self.project(self.depthwise(y, train), train)
-    return x + y if self.residual else y
+  def hidden_for(self, in_channels: int) -> int:
+    """The expanded width of the block built for `in_channels` inputs."""
+    return int(round(in_channels * self.expand_ratio))
+
+  def __call__(self, x: jax.Array, train: bool,
+               active: tuple[Any, Any, Any] | None = None) -> jax.Array:
+    """`active`: traced (input, hidden, output) channel counts of a width candidate, whose
+    other channels are 0 in x and are set to 0 here; a residual joins equal active widths
+    (stride 1), as in the block built at those widths. None: every channel."""
+    if active is None:
+      y = self.expand(x, train) if self.expand is not None else x
+      y = self.project(self.depthwise(y, train), train)
+      return x + y if self.residual else y
+    inputs, hidden, outputs = active
+    y = mask_channels(self.expand(x, train), hidden) if self.expand is not None else x
+    y = mask_channels(self.project(mask_channels(self.depthwise(y, train), hidden), train),
+                      outputs)
+    if self.stride != 1:
+      return y
+    width = self.out_channels
+    shortcut = x[..., :width] if x.shape[-1] >= width else jnp.pad(
+        x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    return y + jnp.where(inputs == outputs, shortcut, 0)
 
   def macs(self, height: int, width: int) -> int:
-    total = self.expand.macs(height, width) if self.expand is not None else 0
-    total += self.depthwise.macs(height, width)
-    return total + self.project.macs(out_size(height, self.stride), out_size(width, self.stride))
+    return self.costs(height, width)[1]
+
+  def costs(self, height: int, width: int, in_channels: int | None = None,
+            out_channels: int | None = None) -> tuple[int, int]:
+    """(params, MACs per image) of the block built for these channel counts (None: as
+    built)."""
+    cin = self.in_channels if in_channels is None else in_channels
+    hidden = self.hidden_for(cin)
+    parts = [self.depthwise.costs(height, width, hidden, hidden),
+             self.project.costs(out_size(height, self.stride), out_size(width, self.stride),
+                                hidden, out_channels)]
+    if self.expand is not None:
+      parts.append(self.expand.costs(height, width, cin, hidden))
+    return tuple(sum(part[i] for part in parts) for i in range(2))
 
 
 def stem_stride_for(image_size: tuple[int, int], stem_stride: int | None) -> int:

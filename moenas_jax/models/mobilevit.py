@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moenas_jax import moe, search_space
@@ -87,28 +88,46 @@ class MobileViTBlock(nnx.Module):
     self.project = layers.ConvBN(dim, channels, 1, activation=None, rngs=rngs)
     self.patch, self.dim, self.hidden, self.channels = patch, dim, hidden, channels
 
-  def __call__(self, x, num_experts, top_k, *, train, key):
+  def __call__(self, x, num_experts, top_k, *, train, key, channels=None, depth=None):
+    """`channels`: the active width of a width candidate (its other channels are 0 in x and
+    set to 0 here); `depth`: its layers used (the others pass their input through and count
+    nothing in the metrics). None: every channel, every layer."""
     batch, height, width, _ = x.shape
     p = self.patch
-    y = self.to_tokens(self.local(x, train))
+    mask = (lambda v: v) if channels is None else (
+        lambda v: layers.mask_channels(v, channels))
+    y = self.to_tokens(mask(self.local(x, train)))
     # Unfold [B, H, W, D] → [B, P = p·p pixels of a patch, N = patches, D].
     y = y.reshape(batch, height // p, p, width // p, p, self.dim).transpose(0, 2, 4, 1, 3, 5)
     y = y.reshape(batch, p * p, (height // p) * (width // p), self.dim)
     metrics = []
     for i, layer in enumerate(self.transformer):
       layer_key = None if key is None else jax.random.fold_in(key, i)
-      y, layer_metrics = layer(y, num_experts[i], top_k[i], train=train, key=layer_key)
+      out, layer_metrics = layer(y, num_experts[i], top_k[i], train=train, key=layer_key)
+      if depth is not None:
+        used = i < depth
+        out = jnp.where(used, out, y)
+        layer_metrics = jax.tree.map(lambda m, used=used: jnp.where(used, m, 0), layer_metrics)
+      y = out
       metrics.append(layer_metrics)
     y = self.norm(y).reshape(batch, p, p, height // p, width // p, self.dim)
     y = y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, height, width, self.dim)
-    return self.project(y, train), metrics
+    return mask(self.project(y, train)), metrics
 
-  def base_macs(self, height: int, width: int) -> int:
-    """MACs of everything but the MoE feed-forwards."""
+  def costs(self, height: int, width: int, channels: int) -> tuple[int, int]:
+    """(params, MACs per image) outside the transformer layers, built for `channels`."""
     tokens = height * width
-    attention = sum(layer.attention.macs(tokens) for layer in self.transformer)
-    return (self.local.macs(height, width) + tokens * self.channels * self.dim + attention
-            + self.project.macs(height, width))
+    local = self.local.costs(height, width, channels, channels)
+    project = self.project.costs(height, width, self.dim, channels)
+    return (local[0] + channels * self.dim + 2 * self.dim + project[0],
+            local[1] + tokens * channels * self.dim + project[1])
+
+  def layer_costs(self, height: int, width: int) -> tuple[int, int]:
+    """(params, MACs per image) of one transformer layer outside its MoE feed-forward: the
+    attention (qkv and output projections with biases) and the two norms."""
+    dim = self.dim
+    params = dim * (1 + 2 * dim) + 1 + 2 * dim + dim * dim + dim + 4 * dim
+    return params, self.transformer[0].attention.macs(height * width)
 
 
 def _per_layer(value: int | Sequence[int], count: int, name: str) -> tuple[int, ...]:
@@ -119,15 +138,37 @@ def _per_layer(value: int | Sequence[int], count: int, name: str) -> tuple[int, 
   return values
 
 
+def _check_width_choices(width_choices: Sequence[float]) -> tuple[float, ...]:
+  """The multipliers of a width gene: ascending, in (0, 1], the last 1.0 (the supernet)."""
+  choices = tuple(width_choices)
+  if (not choices or any(not isinstance(m, numbers.Real) or not 0 < m <= 1 for m in choices)
+      or list(choices) != sorted(set(choices)) or choices[-1] != 1.0):
+    raise ValueError(f"width_choices must be distinct ascending multipliers in (0, 1] ending "
+                     f"with 1.0 (the supernet's full width), got {choices}; e.g. "
+                     f"(0.5, 0.75, 1.0), or (1.0,) for no width gene")
+  return choices
+
+
 class MobileViTV2(nnx.Module):
-  """The MoE supernet (or, with per-layer maxima, a standalone candidate)."""
+  """The MoE supernet (or, with per-layer maxima, a standalone candidate).
+
+  Width and depth genes (OFA / BigNAS style, weights built at the maxima): with several
+  `width_choices`, gene `width` picks per searched stage (stage1, stage2 and the three
+  MobileViT stages; not the stem) the first make_divisible(channels · multiplier, 8)
+  channels; with `search_depth`, gene `depth` picks the first transformer layers of each
+  MobileViT stage. Both act as masks, so candidates share one compiled function. A
+  standalone candidate gives its channel counts as `stage_widths` and its depths as
+  `depths`.
+  """
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
                channels: int = 3, width_multiplier: float = 1.0,
                depths: Sequence[int] = (2, 4, 3), strides: Sequence[int] = (1, 1, 2, 2, 2, 2),
                patch_size: int = 2, expand_ratio: float = 2.0, ffn_multiplier: float = 2.0,
                max_experts: int | Sequence[int] = 8, max_top_k: int | Sequence[int] = 1,
-               moe_settings: dict[str, Any] | None = None, rngs: nnx.Rngs):
+               moe_settings: dict[str, Any] | None = None,
+               width_choices: Sequence[float] = (1.0,), search_depth: bool = False,
+               stage_widths: Sequence[int] | None = None, rngs: nnx.Rngs):
     if len(depths) != 3 or min(depths) < 1:
       raise ValueError(f"depths must be 3 positive transformer depths, got {tuple(depths)}")
     if len(strides) != 6 or any(s not in (1, 2) for s in strides):
@@ -136,6 +177,14 @@ class MobileViTV2(nnx.Module):
     if not width_multiplier > 0 or num_classes < 1 or patch_size < 1:
       raise ValueError(f"need width_multiplier > 0, num_classes >= 1 and patch_size >= 1; got "
                        f"{width_multiplier}, {num_classes}, {patch_size}")
+    if not isinstance(search_depth, bool):
+      raise ValueError(f"search_depth must be True or False, got {search_depth!r}")
+    width_choices = _check_width_choices(width_choices)
+    if stage_widths is not None and (
+        len(stage_widths) != len(_STAGE_WIDTHS)
+        or any(not isinstance(c, numbers.Integral) or c < 1 for c in stage_widths)):
+      raise ValueError(f"stage_widths must be {len(_STAGE_WIDTHS)} positive channel counts "
+                       f"(stage1, stage2, three MobileViT stages) or None, got {stage_widths}")
     image_size = tuple(image_size)
     layers.check_image_size(NAME, image_size, math.prod(strides))
     self.config = dict(num_classes=num_classes, image_size=image_size, channels=channels,
@@ -143,8 +192,11 @@ class MobileViTV2(nnx.Module):
                        strides=tuple(strides), patch_size=patch_size,
                        expand_ratio=expand_ratio, ffn_multiplier=ffn_multiplier,
                        max_experts=max_experts, max_top_k=max_top_k,
-                       moe_settings=dict(moe_settings or {}))
+                       moe_settings=dict(moe_settings or {}), width_choices=width_choices,
+                       search_depth=search_depth,
+                       stage_widths=None if stage_widths is None else tuple(stage_widths))
     self.input_shape = (*image_size, channels)
+    self.depths, self.search_depth = tuple(depths), search_depth
     num_layers = sum(depths)
     self.max_experts = _per_layer(max_experts, num_layers, "max_experts")
     self.max_top_k = _per_layer(max_top_k, num_layers, "max_top_k")
@@ -153,8 +205,12 @@ class MobileViTV2(nnx.Module):
 
     alpha = width_multiplier
     widths = [layers.make_divisible(min(max(32 * alpha, 16), 64), 8, 16)]
-    widths += [layers.make_divisible(c * alpha, 16 if i == 0 else 8)
-               for i, c in enumerate(_STAGE_WIDTHS)]
+    widths += (list(stage_widths) if stage_widths is not None else
+               [layers.make_divisible(c * alpha, 16 if i == 0 else 8)
+                for i, c in enumerate(_STAGE_WIDTHS)])
+    # [5][W]: each searched stage's channels per width choice (the last: all of them).
+    self.stage_channels = tuple(tuple(min(full, layers.make_divisible(full * m, 8))
+                                      for m in width_choices) for full in widths[1:])
     self.stem = layers.ConvBN(channels, widths[0], 3, stride=strides[0], activation="silu",
                               rngs=rngs)
     mv2 = dict(expand_ratio=expand_ratio, activation="silu", rngs=rngs)
@@ -181,31 +237,76 @@ class MobileViTV2(nnx.Module):
       first += depth
     self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
-  def __call__(self, images: jax.Array, arch: Arch | None = None, *, train: bool = False,
-               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
-    """Logits [B, num_classes] and MoE metrics for a candidate (None: every expert, max k).
+  @property
+  def searches_width(self) -> bool:
+    return len(self.config["width_choices"]) > 1
 
-    `key` drives the gate noise in training. Metrics: `aux_loss` (summed over layers),
-    `drop_fraction` [L], `expert_counts` (a tuple of L arrays [E_l]).
-    """
-    layers.check_images(NAME, images, self.input_shape)
-    if arch is None:
-      arch = Arch(jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32))
+  def full_arch(self) -> Arch:
+    """Every expert, the maximal top-k, full width and depth (`search_space().largest()`)."""
+    width = (jnp.full(len(self.stage_channels), len(self.config["width_choices"]), jnp.int32)
+             if self.searches_width else None)
+    return Arch(jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32),
+                width=width, depth=jnp.asarray(self.depths, jnp.int32) if self.search_depth
+                else None)
+
+  def _check_arch(self, arch: Arch) -> None:
     layers_count = len(self.max_experts)
     if not jnp.shape(arch.num_experts) == jnp.shape(arch.top_k) == (layers_count,):
       raise ValueError(f"{NAME} takes one candidate, Arch with [{layers_count}] arrays; got "
                        f"shapes {jnp.shape(arch.num_experts)} and {jnp.shape(arch.top_k)}. "
                        f"For a population [P, {layers_count}] use jax.vmap over the arch.")
+    for name, searched, size in (("width", self.searches_width, len(self.stage_channels)),
+                                 ("depth", self.search_depth, len(self.depths))):
+      value = getattr(arch, name)
+      if searched != (value is not None) or (searched and jnp.shape(value) != (size,)):
+        raise ValueError(f"this {NAME} {'searches' if searched else 'has no'} gene {name}"
+                         f"{f' ([{size}] values)' if searched else ''}; got arch.{name} = "
+                         f"{value!r}. Build the arch from model.search_space()")
+
+  def _active_widths(self, arch: Arch) -> list[tuple[Any, Any, Any]] | None:
+    """Per searched block (stage1, stage2's two, the three downsamples): its traced
+    (input, hidden, output) channels, then the three MobileViT blocks' channels; None when
+    the width is not searched."""
+    if not self.searches_width:
+      return None
+    choice = jnp.clip(arch.width, 1, len(self.config["width_choices"])) - 1
+    rows = jnp.arange(len(self.stage_channels))
+    channels = jnp.asarray(self.stage_channels, jnp.int32)[rows, choice]
+    hidden = jnp.asarray([[self.stage1.hidden_for(c) for c in row]
+                          for row in self.stage_channels], jnp.int32)[rows, choice]
+    stem = self.stage1.in_channels
+    blocks = [(stem, self.stage1.hidden_for(stem), channels[0]),
+              (channels[0], hidden[0], channels[1]), (channels[1], hidden[1], channels[1])]
+    blocks += [(channels[1 + s], hidden[1 + s], channels[2 + s]) for s in range(3)]
+    return blocks + [channels[2 + s] for s in range(3)]
+
+  def __call__(self, images: jax.Array, arch: Arch | None = None, *, train: bool = False,
+               key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Logits [B, num_classes] and MoE metrics for a candidate (None: every expert, max k,
+    full width and depth).
+
+    `key` drives the gate noise in training. Metrics: `aux_loss` (summed over layers),
+    `drop_fraction` [L], `expert_counts` (a tuple of L arrays [E_l]); a layer beyond its
+    stage's depth counts 0 in each.
+    """
+    layers.check_images(NAME, images, self.input_shape)
+    arch = self.full_arch() if arch is None else arch
+    self._check_arch(arch)
+    active = self._active_widths(arch)
+    width = (lambda i: None) if active is None else (lambda i: active[i])
     x = self.stem(images, train)
-    x = self.stage1(x, train)
-    for block in self.stage2:
-      x = block(x, train)
+    x = self.stage1(x, train, width(0))
+    for i, block in enumerate(self.stage2):
+      x = block(x, train, width(1 + i))
     metrics, first = [], 0
     for stage, (down, vit) in enumerate(zip(self.downsample, self.vit)):
       depth = len(vit.transformer)
       stage_key = None if key is None else jax.random.fold_in(key, stage)
-      x, stage_metrics = vit(down(x, train), arch.num_experts[first:first + depth],
-                             arch.top_k[first:first + depth], train=train, key=stage_key)
+      x, stage_metrics = vit(down(x, train, width(3 + stage)),
+                             arch.num_experts[first:first + depth],
+                             arch.top_k[first:first + depth], train=train, key=stage_key,
+                             channels=width(6 + stage),
+                             depth=None if arch.depth is None else arch.depth[stage])
       metrics += stage_metrics
       first += depth
     logits = self.head(x.mean(axis=(1, 2)))
@@ -215,28 +316,66 @@ class MobileViTV2(nnx.Module):
         "expert_counts": tuple(m["expert_counts"] for m in metrics),
     }
 
+  def staged_config(self, arch: Arch) -> dict[str, Any]:
+    """The config entries of candidate `arch`'s own model: its channels (`stage_widths`)
+    and depths, with no width or depth gene."""
+    config = {}
+    if arch.width is not None:
+      config.update(width_choices=(1.0,), stage_widths=tuple(
+          row[value - 1] for row, value in zip(self.stage_channels, np.asarray(arch.width))))
+    if arch.depth is not None:
+      config.update(search_depth=False, depths=tuple(np.asarray(arch.depth).tolist()))
+    return config
+
   def search_space(self) -> search_space.SearchSpace:
-    """The space of this supernet: per-layer maxima, MoE layer shapes, non-MoE costs."""
-    shapes, base_macs, base_params = [], 0, 0
+    """The space of this supernet: per-layer maxima, MoE layer shapes, the costs of the
+    blocks by their active widths and of the transformer layers by depth, the rest."""
+    options = self.stage_channels  # a position's channels per width value
+
+    def block(source, target, cost):
+      rows = options[source] if source is not None else (None,)
+      cols = options[target] if target is not None else (None,)
+      table = [[cost(a, b) for b in cols] for a in rows]
+      return search_space.WidthBlock(
+          source if self.searches_width else None, target if self.searches_width else None,
+          *(tuple(tuple(entry[i] for entry in row) for row in table) for i in range(2)))
+
     height, width = self.input_shape[:2]
-    for block in (self.stem, self.stage1, *self.stage2):
-      base_macs += block.macs(height, width)
-      height, width = layers.out_size(height, block.stride), layers.out_size(width, block.stride)
-    for down, vit in zip(self.downsample, self.vit):
-      base_macs += down.macs(height, width)
-      height, width = layers.out_size(height, down.stride), layers.out_size(width, down.stride)
-      base_macs += vit.base_macs(height, width)
-      shapes += [search_space.MoELayerShape(vit.dim, vit.hidden, height * width)
-                 for _ in vit.transformer]
-    base_macs += self.head.in_features * self.head.out_features
+    base_macs = self.stem.macs(height, width)
+    height, width = (layers.out_size(s, self.stem.stride) for s in (height, width))
+    stem = self.stem.out_channels
+    blocks, shapes, layer_costs = [], [], []
+    ir_blocks = [(self.stage1, None, 0), (self.stage2[0], 0, 1), (self.stage2[1], 1, 1)]
+    ir_blocks += [(down, 1 + s, 2 + s) for s, down in enumerate(self.downsample)]
+    for index, (ir, source, target) in enumerate(ir_blocks):
+      blocks.append(block(source, target, lambda a, b, ir=ir, h=height, w=width: ir.costs(
+          h, w, stem if a is None else a, b)))
+      height, width = (layers.out_size(s, ir.stride) for s in (height, width))
+      if index >= 3:
+        vit = self.vit[index - 3]
+        blocks.append(block(None, index - 1, lambda _, b, vit=vit, h=height, w=width:
+                            vit.costs(h, w, b)))
+        layer_costs += [vit.layer_costs(height, width)] * len(vit.transformer)
+        shapes += [search_space.MoELayerShape(vit.dim, vit.hidden, height * width)
+                   for _ in vit.transformer]
+    classes = self.head.out_features
+    blocks.append(block(len(options) - 1, None, lambda a, _: (a * classes + classes,
+                                                               a * classes)))
+    base_params = -sum(b.params[-1][-1] for b in blocks) - sum(p for p, _ in layer_costs)
     for path, leaf in nnx.to_flat_state(nnx.state(self, nnx.Param)):
       if "ffn" not in path:
         base_params += math.prod(leaf.get_value().shape)
-    return search_space.SearchSpace(max_experts=self.max_experts, max_top_k=self.max_top_k,
-                                    layers=tuple(shapes), base_params=base_params,
-                                    base_macs=base_macs)
+    return search_space.SearchSpace(
+        max_experts=self.max_experts, max_top_k=self.max_top_k, layers=tuple(shapes),
+        base_params=base_params, base_macs=base_macs,
+        width_maxima=(len(self.config["width_choices"]),) * len(options)
+        if self.searches_width else (),
+        width_blocks=tuple(blocks), depth_maxima=self.depths if self.search_depth else (),
+        layer_costs=tuple(layer_costs))
 
 
 def dense(**config: Any) -> MobileViTV2:
-  """Dense MobileViT-V2: the supernet with one expert and top-1 in every layer."""
-  return MobileViTV2(**{**config, "max_experts": 1, "max_top_k": 1})
+  """Dense MobileViT-V2: the supernet with one expert and top-1 in every layer, at full
+  width and depth (no width or depth gene)."""
+  return MobileViTV2(**{**config, "max_experts": 1, "max_top_k": 1, "width_choices": (1.0,),
+                        "search_depth": False})

@@ -1,0 +1,16 @@
+r"""The default search with width and depth genes (issue 18): each stage's width from the
+multipliers (0.5, 0.75, 1.0) of its channels and each MobileViT stage's depth, searched with
+the MoE genes inside the one supernet (FaHaNa-style: fairness-aware search over sizes).
+
+    python -m launch.search --workdir=runs/fahana --config=configs/fahana.py
+
+Latency tables time MoE layers only, so budgets here are params and MACs.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.update(width_choices=(0.5, 0.75, 1.0), search_depth=True)
+  return config
