@@ -101,13 +101,13 @@ def prune(params: nnx.State, arch: Arch, usage: list[np.ndarray], *,
 
   Returns the supernet params with each layer's kept experts first (expert weights and router
   columns permuted alike; every other weight copied unchanged), the arch with num_experts = the
-  number kept and top_k clipped to it (its other genes unchanged), and per layer a report: `usage` of the active experts,
-  `kept` and `removed` (original expert indices; new expert i is old `kept[i]`), `num_experts`
-  and `top_k` as (before, after). The most used expert stays even if below the threshold.
-  Under the new arch the pruned params send every token to the same experts as the old ones
-  under `arch` when no token chose a removed expert; the outputs then differ only by the
-  softmax mass the removed experts held (none once it underflows) and by fewer capacity drops
-  (the kept experts' capacity can only grow).
+  number kept and top_k clipped to it (its other genes unchanged), and per layer a report:
+  `usage` of the active experts, `kept` and `removed` (original expert indices; new expert i
+  is old `kept[i]`), `num_experts` and `top_k` as (before, after). The most used expert
+  stays even if below the threshold. Under the new arch the pruned params send every token to
+  the same experts as the old ones under `arch` when no token chose a removed expert; the
+  outputs then differ only by the softmax mass the removed experts held (none once it
+  underflows) and by fewer capacity drops (the kept experts' capacity can only grow).
   """
   if not 0.0 <= min_fraction <= 1.0:  # also rejects NaN
     raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]: the least share of a "

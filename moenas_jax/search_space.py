@@ -349,22 +349,23 @@ class SearchSpace:
     index = np.concatenate([np.arange(d) for d in self.depth_maxima])
     return index < depth[..., stage]
 
-  def _legal_maxima(self, gene: Gene, values: dict[str, Any]) -> jax.Array:
+  def _legal_maxima(self, gene: Gene, values: dict[str, Any], xp: Any = jnp) -> Any:
     """[n]: each position's largest legal value of `gene`, given the genes that cap it (and
-    1 for a MoE layer beyond its stage's depth)."""
-    maxima = jnp.asarray(gene.maxima, jnp.int32)
+    1 for a MoE layer beyond its stage's depth); xp: jnp (traced code) or np (host)."""
+    maxima = xp.asarray(gene.maxima, xp.int32)
     if gene.capped_by is not None:
-      maxima = jnp.minimum(maxima, values[gene.capped_by])
+      maxima = xp.minimum(maxima, values[gene.capped_by])
     if gene.name in LAYER_GENES and "depth" in values:
-      maxima = jnp.where(self.used_layers(values["depth"]), maxima, 1)
+      maxima = xp.where(self.used_layers(values["depth"]), maxima, 1)
     return maxima
 
   def largest(self) -> Arch:
-    """Every gene at its largest legal value (every expert active, the maximal top-k)."""
+    """Every gene at its largest legal value (every expert active, the maximal top-k); host
+    NumPy, so also a constant inside jitted code."""
     values = {}
     for gene in self.genes:
-      values[gene.name] = self._legal_maxima(gene, values)
-    return Arch(**{name: np.asarray(v, np.int32) for name, v in values.items()})
+      values[gene.name] = self._legal_maxima(gene, values, np).astype(np.int32)
+    return Arch(**values)
 
   def smallest(self) -> Arch:
     """Every gene at 1: one expert, top-1, the narrowest width and depth 1."""
@@ -472,7 +473,7 @@ class SearchSpace:
         where = _first(value > cap)
         raise ValueError(f"{gene.name}{list(where)} = {value[where]} must not exceed "
                          f"{gene.capped_by}{list(where)} = {cap[where]}")
-    return Arch(**values)
+    return self._canonical(values, np)
 
   def params(self, arch: Arch) -> np.ndarray:
     """Stored parameters of the standalone model with only the active experts (and its

@@ -40,6 +40,7 @@ from moenas_jax import (
   train,
 )
 from moenas_jax.data import DATASETS, describe_dataset, lighting
+from moenas_jax.models import mobilevit
 
 
 class ConfigError(ValueError):
@@ -273,13 +274,12 @@ def _check_model_section(config: Any) -> None:
   _integer(config, "model.max_top_k", 1, f"at most config.model.max_experts={experts}",
            maximum=experts)
   if "width_choices" in config.model:
-    choices = config.model.width_choices
-    if (not isinstance(choices, (tuple, list)) or not choices
-        or any(not _is_number(m) or not 0 < m <= 1 for m in choices)
-        or list(choices) != sorted(set(choices)) or choices[-1] != 1):
-      raise ConfigError("model.width_choices", choices, "must be distinct ascending width "
-                        "multipliers in (0, 1] ending with 1.0 (the full width)",
-                        "e.g. (0.5, 0.75, 1.0), or (1.0,) for no width gene")
+    try:
+      mobilevit.check_width_choices(config.model.width_choices)
+    except (ValueError, TypeError):
+      raise ConfigError("model.width_choices", config.model.width_choices, "must be distinct "
+                        "ascending width multipliers in (0, 1] ending with 1.0 (the full "
+                        "width)", "e.g. (0.5, 0.75, 1.0), or (1.0,) for no width gene") from None
   if "search_depth" in config.model and not isinstance(config.model.search_depth, bool):
     raise ConfigError("model.search_depth", config.model.search_depth, "must be True or "
                       "False", "True searches each MobileViT stage's depth")

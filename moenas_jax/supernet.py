@@ -2,9 +2,9 @@
 
 Sandwich rule (Yu & Huang, BigNAS / slimmable networks): each step's K candidates are the
 largest, the smallest (every gene at 1: one expert, top-1, narrowest, shallowest) and K − 2
-random ones, so the extremes of the space are always
-trained. Loss (`loss.update`) = the training objective (`objectives.py`, e.g. ERM or group
-DRO) over the K candidates' cross-entropies, plus the mean of their routing aux losses; the
+random ones, so the extremes of the space are always trained. Loss (`loss.update`) = the
+training objective (`objectives.py`, e.g. ERM or group DRO) over the K candidates'
+cross-entropies, plus the mean of their routing aux losses; the
 objective's state travels with the optimizer state. The gradient is taken once for the shared
 weights; the batch-norm statistics each candidate computes are averaged over the K candidates
 (the search recalibrates them per candidate before scoring: `population.PopulationEvaluator`).

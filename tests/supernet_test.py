@@ -5,9 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from moenas_jax import adversarial, loop, loss, models, supernet
+from moenas_jax import adversarial, loop, loss, models, search_space, supernet
 from moenas_jax.compilation import count_compilations
 from moenas_jax.data import fashion_tones, pipeline
+from moenas_jax.search_space import MoELayerShape, SearchSpace
 
 
 def _copy(tree):
@@ -27,6 +28,17 @@ def test_sandwich_holds_the_largest_the_smallest_and_random_candidates(tiny_supe
   assert supernet.sandwich(space, jax.random.key(0), 2).num_experts.shape == (2, 3)
 
 
+def test_sandwich_trains_the_widest_deepest_and_the_narrowest_shallowest():
+  space = SearchSpace(max_experts=(4,) * 3, max_top_k=(2,) * 3,
+                      layers=(MoELayerShape(4, 8, 4),) * 3, base_params=0, base_macs=0,
+                      width_maxima=(3, 3), depth_maxima=(1, 2))
+  archs = jax.jit(supernet.sandwich, static_argnums=(0, 2))(space, jax.random.key(0), 4)
+  assert [search_space.to_dict(a) for a in search_space.unstack(archs)[:2]] == [
+      {"num_experts": [4] * 3, "top_k": [2] * 3, "width": [3, 3], "depth": [1, 2]},
+      {"num_experts": [1] * 3, "top_k": [1] * 3, "width": [1, 1], "depth": [1, 1]}]
+  space.validate(archs)
+
+
 def test_a_step_averages_batch_statistics_over_candidates_and_is_deterministic(tiny_supernet):
   model, graphdef, params, state = tiny_supernet
   space = model.search_space()
@@ -35,7 +47,7 @@ def test_a_step_averages_batch_statistics_over_candidates_and_is_deterministic(t
            "label": np.array([0, 1, 2, 1], np.int32), "group": np.zeros(4, np.int32)}
   new_state = jax.jit(lambda arch: models.apply(graphdef, params, state, batch["image"], arch,
                                                 train=True)[1])
-  expected = [new_state(arch) for arch in (space.largest(), space.dense())]
+  expected = [new_state(arch) for arch in (space.largest(), space.smallest())]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected)
   trainer = supernet.SupernetTrainer(graphdef, space, archs_per_step=2,
                                      optimizer=supernet.OptimizerSettings(warmup_steps=2,

@@ -138,7 +138,7 @@ def _per_layer(value: int | Sequence[int], count: int, name: str) -> tuple[int, 
   return values
 
 
-def _check_width_choices(width_choices: Sequence[float]) -> tuple[float, ...]:
+def check_width_choices(width_choices: Sequence[float]) -> tuple[float, ...]:
   """The multipliers of a width gene: ascending, in (0, 1], the last 1.0 (the supernet)."""
   choices = tuple(width_choices)
   if (not choices or any(not isinstance(m, numbers.Real) or not 0 < m <= 1 for m in choices)
@@ -179,7 +179,7 @@ class MobileViTV2(nnx.Module):
                        f"{width_multiplier}, {num_classes}, {patch_size}")
     if not isinstance(search_depth, bool):
       raise ValueError(f"search_depth must be True or False, got {search_depth!r}")
-    width_choices = _check_width_choices(width_choices)
+    width_choices = check_width_choices(width_choices)
     if stage_widths is not None and (
         len(stage_widths) != len(_STAGE_WIDTHS)
         or any(not isinstance(c, numbers.Integral) or c < 1 for c in stage_widths)):
