@@ -328,9 +328,9 @@ class SearchSpace:
   def genes(self) -> tuple[Gene, ...]:
     """The searched genes, in `Arch` field order (each after the gene that caps it)."""
     genes = (Gene("num_experts", tuple(self.max_experts), None,
-                 "each layer's number of experts"),
-            Gene("top_k", tuple(self.max_top_k), "num_experts",
-                 "its top_k (experts per token)"))
+                  "each layer's number of experts"),
+             Gene("top_k", tuple(self.max_top_k), "num_experts",
+                  "its top_k (experts per token)"))
     if self.width_maxima:
       genes += (Gene("width", tuple(self.width_maxima), None,
                      "each stage's width (1 = the narrowest choice)", "stage"),)

@@ -32,7 +32,8 @@ BAD_VALUES = [
                                         r"\(0, 1\] ending with 1.0"),
     ("model.width_choices", (0.5, 1.25), r"in \(0, 1\]"),
     ("model.width_choices", (0.75, 0.5, 1.0), "ascending"),
-    ("model.width_choices", (0.5, 0.75), "ending with 1.0; e.g. \\(0.5, 0.75, 1.0\\)"),
+    ("model.width_choices", (0.5, 0.75), r"ending with 1.0 \(the full width\); e.g. "
+                                         r"\(0.5, 0.75, 1.0\)"),
     ("model.search_depth", None, "must be True or False"),
     ("supernet.steps", 0, "must be an integer >= 1"),
     ("supernet.batch_size", 0, "must be an integer >= 1"),
