@@ -10,7 +10,11 @@ Per dataset and seed, with the same epochs, batches and optimizer (`train.Traine
   trained with plain TRADES, and with AdvMoE's alternation (router and backbone steps);
 - both models trained clean ("standard"), for the time of a standard epoch.
 Each is tested clean and under PGD-10 (steps of ε/4 within ε, a random start, the router
-attacked too: the whole model end to end): accuracy, per-group accuracy and disparity.
+attacked too: the whole model end to end): accuracy, per-group accuracy and disparity, and
+for the MoE `expert_share`: per group, the share of its clean test images the router sends to
+each expert (a router that splits by group leaves each group's pathway its group's training
+data only). Every run trains under `--objective` (`erm`, the default, or `group_balanced` /
+`group_dro`, the search's fairness objectives, with the training split's group counts).
 ε = 8/255 (steps of 2/255), 0.1 on Fashion-MNIST (steps of 0.025). The training attack is
 AdvMoE's: PGD-2 of 5/255 within 8/255 (on Fashion-MNIST 2 steps of 0.0625 within 0.1).
 
@@ -18,7 +22,7 @@ Datasets: `fashion_tones` (embedded), `utkface` (gender by race at 32 px, read f
 --utkface_dir through the data catalog, prepared once in DIR/data), `fashion_mnist` (the
 Debian package dataset-fashion-mnist, one group: no disparity).
 
-JSON: `results` (one row per dataset, model, training, seed), `summary`: per dataset the
+JSON: `objective`, `results` (one row per dataset, model, training, seed), `summary`: per dataset the
 means over seeds per (model, training), the paired differences per seed of advmoe − dense
 TRADES and advmoe − TRADES MoE with 95% t intervals over seeds (None for one seed), and the
 seconds per epoch of each training (the epochs after the first: no compile) with their ratio
@@ -36,13 +40,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 from scipy import stats
 
 from benchmarks import common
 from configs import default
-from moenas_jax import adversarial, evaluate, models, train
+from moenas_jax import adversarial, evaluate, models, objectives, train
 from moenas_jax.stages import data as data_stage
 
 RUNS = (("dense", "standard"), ("moe", "standard"), ("dense", "trades"), ("moe", "trades"),
@@ -117,8 +122,30 @@ def build(kind: str, data: data_stage.Data, sizes: Sizes, seed: int) -> nnx.Modu
                       **options)
 
 
+def router_choices(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
+                   images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+  """The expert the router picks for each image [n] (clean, evaluation mode)."""
+  @jax.jit
+  def choices(batch):
+    _, aux = nnx.merge(graphdef, params, state)(batch.astype(np.float32) / 255.0)
+    return aux["router_logits"].argmax(-1)
+
+  return np.concatenate([np.asarray(choices(images[start:start + batch_size]))
+                         for start in range(0, len(images), batch_size)])
+
+
+def expert_share(chosen: np.ndarray, groups: np.ndarray, num_groups: int,
+                 num_experts: int) -> list[list[float | None]]:
+  """Per group [G], the share of its images routed to each expert [E] (None: no images)."""
+  counts = np.zeros((num_groups, num_experts))
+  np.add.at(counts, (groups, chosen), 1)
+  totals = counts.sum(1, keepdims=True)
+  return [[float(v) for v in row / total] if total[0] else [None] * num_experts
+          for row, total in zip(counts, totals)]
+
+
 def run(dataset: str, kind: str, training: str, seed: int, data: data_stage.Data,
-        sizes: Sizes, compiled: dict) -> dict:
+        sizes: Sizes, compiled: dict, objective: str = "erm") -> dict:
   """One row: trains the model (timing each epoch) and tests it clean and under PGD.
 
   `compiled`: the dataset's trainers and evaluators, shared by its seeds (one compile each).
@@ -132,7 +159,10 @@ def run(dataset: str, kind: str, training: str, seed: int, data: data_stage.Data
         epochs=sizes.epochs, batch_size=sizes.batch_size, learning_rate=2e-3,
         adversarial=adversarial.AdversarialSettings(method, epsilon=epsilon,
                                                     step_size=epsilon * 5 / 8, steps=2))
-    compiled[kind, training] = train.Trainer(graphdef, settings, len(data.train["label"]))
+    compiled[kind, training] = train.Trainer(
+        graphdef, settings, len(data.train["label"]),
+        objectives.Objective.from_examples(objectives.ObjectiveSettings(objective), data.train,
+                                           len(data.class_names), data.group_names))
   if kind not in compiled:
     compiled[kind] = evaluate.Evaluator(
         graphdef, num_classes=len(data.class_names), num_groups=len(data.group_names),
@@ -150,6 +180,9 @@ def run(dataset: str, kind: str, training: str, seed: int, data: data_stage.Data
       params, state, data.train, seed=seed, log=log, name=f"{dataset}/{kind}/{training}")
   seconds = time.perf_counter() - begin
   result = compiled[kind].evaluate(params, state, data.test, bootstrap_resamples=0, seed=seed)
+  shares = (expert_share(router_choices(graphdef, params, state, data.test["image"]),
+                         data.test["group"], len(data.group_names), sizes.experts)
+            if kind == "moe" else None)
   return {
       "dataset": dataset, "model": kind, "training": training, "seed": seed,
       "clean_accuracy": result["accuracy"], "robust_accuracy": result["adversarial_accuracy"],
@@ -157,7 +190,7 @@ def run(dataset: str, kind: str, training: str, seed: int, data: data_stage.Data
       "robust_group_accuracy": result["adversarial_group_accuracy"],
       "disparity": result["disparity"], "robust_disparity": result["adversarial_disparity"],
       "robust_worst_group_accuracy": result["adversarial_worst_group_accuracy"],
-      **evaluate.model_costs(model), "epsilon": epsilon,
+      "expert_share": shares, **evaluate.model_costs(model), "epsilon": epsilon,
       "seconds_per_epoch": float(np.mean(np.diff(ends))) if len(ends) > 1 else seconds,
       "train_seconds": round(seconds, 1), "final_loss": history[-1]["loss"]}
 
@@ -215,6 +248,8 @@ def main() -> None:
   parser.add_argument("--utkface_dir", default="/work/shared/datasets/utkface")
   parser.add_argument("--runs", nargs="+", default=[f"{m}:{t}" for m, t in RUNS],
                       help="model:training pairs, e.g. dense:trades moe:advmoe")
+  parser.add_argument("--objective", default="erm", choices=objectives.NAMES,
+                      help="the training objective of every run")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes (a test's)")
   for field in dataclasses.fields(Sizes):
     parser.add_argument(f"--{field.name}", type=int if field.type == "int" else float)
@@ -231,8 +266,9 @@ def main() -> None:
       data = load(dataset, sizes, seed, Path(args.workdir), args.utkface_dir)
       for kind, training in runs:
         common.log(f"[advmoe] {dataset} seed {seed}: {kind} {training}")
-        rows.append(run(dataset, kind, training, seed, data, sizes, compiled))
+        rows.append(run(dataset, kind, training, seed, data, sizes, compiled, args.objective))
   print(json.dumps({"sizes": dataclasses.asdict(sizes), "seeds": args.seeds,
+                    "objective": args.objective,
                     "results": rows, "summary": summarize(rows),
                     "seconds": round(time.perf_counter() - begin, 1)}))
 

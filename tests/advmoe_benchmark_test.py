@@ -41,6 +41,12 @@ def test_summary_pairs_the_seeds_with_t_intervals():
   assert "moe" not in summary["seconds_per_epoch"]  # no standard MoE run to compare with
 
 
+def test_expert_share_per_group_by_hand():
+  chosen, groups = np.array([0, 1, 1, 1, 0, 2]), np.array([0, 0, 0, 0, 1, 1])
+  assert advmoe.expert_share(chosen, groups, 3, 3) == [
+      [0.25, 0.75, 0.0], [0.5, 0.0, 0.5], [None, None, None]]
+
+
 @pytest.mark.skipif("resnet_moe" not in models.MODELS,
                     reason="the resnet_moe model is not in this checkout")
 def test_smoke_run_prints_every_row_and_the_summary(tmp_path):
@@ -52,6 +58,11 @@ def test_smoke_run_prints_every_row_and_the_summary(tmp_path):
   assert [(r["model"], r["training"]) for r in result["results"]] == list(advmoe.RUNS)
   for row in result["results"]:
     assert 0 <= row["robust_accuracy"] <= 1 and len(row["robust_group_accuracy"]) == 2
+    if row["model"] == "moe":  # each group's images over the 2 experts
+      assert all(sum(shares) == pytest.approx(1) for shares in row["expert_share"])
+    else:
+      assert row["expert_share"] is None
+  assert result["objective"] == "erm"
   dense, moe = result["results"][0]["macs"], result["results"][1]["macs"]
   assert moe <= dense / 2
   summary = result["summary"]["fashion_tones"]
