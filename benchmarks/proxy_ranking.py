@@ -53,14 +53,14 @@ def spread_candidates(space: search_space.SearchSpace, key: jax.Array,
   MACs) order over 16·count samples."""
   samples = search_space.unstack(jax.tree.map(np.asarray,
                                               space.sample_population(key, 16 * count)))
-  extremes = {space.dense().key(), space.largest().key()}
+  extremes = {space.smallest().key(), space.largest().key()}
   unique = sorted({arch.key(): arch for arch in samples if arch.key() not in extremes}.values(),
                   key=lambda a: (int(space.params(a)), int(space.macs(a)), a.key()))
   if len(unique) < count - 2:
     raise ValueError(f"only {len(unique)} distinct candidates in {16 * count} samples; ask "
                      f"for fewer than {count}")
   picks = np.linspace(0, len(unique) - 1, count - 2).round().astype(int)
-  return search_space.stack([space.dense(), *(unique[i] for i in picks), space.largest()])
+  return search_space.stack([space.smallest(), *(unique[i] for i in picks), space.largest()])
 
 
 def kendall_tau(x, y) -> float:

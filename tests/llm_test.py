@@ -249,7 +249,7 @@ def test_proposals_are_valid_and_the_prompt_carries_the_feedback(tiny_path):
   params = int(SPACE.params(search_space.stack([best_arch]))[0])
   assert (f"{design.render(best_arch)} reward={best['reward']:.4f} "
           f"accuracy={0.5 + best['reward'] / 100:.4g} params={params}") in text
-  assert "experts 1..8 in every MoE layer; top_k 1..2 in every MoE layer" in text
+  assert "experts 1..8 in every layer; top_k 1..2 in every layer" in text
   assert f"params <= {budget:,}" in text and "maximise reward = 1*accuracy" in text
   second = _cycle(controller)
   for archs in (first, second):

@@ -199,9 +199,10 @@ def test_width_and_depth_candidates_are_masks_under_one_compile():
   model = mobilevit.MobileViTV2(rngs=nnx.Rngs(0), **WIDTH_DEPTH)
   space = model.search_space()
   assert [(gene.name, gene.maxima, gene.unit) for gene in space.genes[2:]] == [
-      ("width", (3,) * 5, "stage"), ("depth", (1, 2, 1), "stage")]
-  # Width 0.25: stages of 16, 32, 64, 96, 128 channels; make_divisible(c * m, 8) per choice.
-  assert model.stage_channels == ((8, 16, 16), (16, 24, 32), (32, 48, 64), (48, 72, 96),
+      ("width", (2, 3, 3, 3, 3), "stage"), ("depth", (1, 2, 1), "stage")]
+  # Width 0.25: stages of 16, 32, 64, 96, 128 channels; make_divisible(c * m, 8) per choice,
+  # distinct counts only: 16 · 0.75 and 16 · 1.0 both give 16, one value of the gene.
+  assert model.stage_channels == ((8, 16), (16, 24, 32), (32, 48, 64), (48, 72, 96),
                                   (64, 96, 128))
   graphdef, params, state = models.split(model)
 

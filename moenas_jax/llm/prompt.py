@@ -15,11 +15,16 @@ _SYSTEM = "You are an expert in neural architecture search for edge devices."
 _COSTS = ("params", "macs")
 
 
+def _unit(gene: search_space.Gene) -> str:
+  """What the prompt calls a gene's position: "layer" (an MoE layer), "stage"."""
+  return gene.unit.removeprefix("MoE ")
+
+
 def _ranges(gene: search_space.Gene) -> str:
-  """A gene's legal values per position, named by its unit ("MoE layer", "stage")."""
+  """A gene's legal values per position, named by its unit."""
   if len(set(gene.maxima)) == 1:
-    return f"1..{gene.maxima[0]} in every {gene.unit}"
-  return ", ".join(f"{gene.unit} {position}: 1..{maximum}"
+    return f"1..{gene.maxima[0]} in every {_unit(gene)}"
+  return ", ".join(f"{_unit(gene)} {position}: 1..{maximum}"
                    for position, maximum in enumerate(gene.maxima))
 
 
@@ -47,7 +52,7 @@ def build(space: SearchSpace, results: Sequence[Mapping[str, Any]],
   names = list(dict.fromkeys([*terms, *_COSTS]))
   limits = [f"{name} <= {int(limit):,}" for name, limit in budgets.items() if limit is not None]
   legal = [f"{design.label(gene.name)} {_ranges(gene)}"
-           + (f", and at most that {gene.unit}'s {design.label(gene.capped_by)}"
+           + (f", and at most that {_unit(gene)}'s {design.label(gene.capped_by)}"
               if gene.capped_by else "") for gene in space.genes]
   lines = [
       f"Task: design a mixture-of-experts image classifier with {space.num_layers} MoE "

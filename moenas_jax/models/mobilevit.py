@@ -208,9 +208,12 @@ class MobileViTV2(nnx.Module):
     widths += (list(stage_widths) if stage_widths is not None else
                [layers.make_divisible(c * alpha, 16 if i == 0 else 8)
                 for i, c in enumerate(_STAGE_WIDTHS)])
-    # [5][W]: each searched stage's channels per width choice (the last: all of them).
-    self.stage_channels = tuple(tuple(min(full, layers.make_divisible(full * m, 8))
-                                      for m in width_choices) for full in widths[1:])
+    # [5][≤ W]: each searched stage's distinct channel counts over the width choices,
+    # ascending (the last: all of them); gene value v takes the v-th, so one network has one
+    # value (two multipliers that round to the same count are one choice).
+    self.stage_channels = tuple(
+        tuple(sorted({min(full, layers.make_divisible(full * m, 8)) for m in width_choices}))
+        for full in widths[1:])
     self.stem = layers.ConvBN(channels, widths[0], 3, stride=strides[0], activation="silu",
                               rngs=rngs)
     mv2 = dict(expand_ratio=expand_ratio, activation="silu", rngs=rngs)
@@ -243,7 +246,7 @@ class MobileViTV2(nnx.Module):
 
   def full_arch(self) -> Arch:
     """Every expert, the maximal top-k, full width and depth (`search_space().largest()`)."""
-    width = (jnp.full(len(self.stage_channels), len(self.config["width_choices"]), jnp.int32)
+    width = (jnp.asarray([len(row) for row in self.stage_channels], jnp.int32)
              if self.searches_width else None)
     return Arch(jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32),
                 width=width, depth=jnp.asarray(self.depths, jnp.int32) if self.search_depth
@@ -269,16 +272,23 @@ class MobileViTV2(nnx.Module):
     the width is not searched."""
     if not self.searches_width:
       return None
-    choice = jnp.clip(arch.width, 1, len(self.config["width_choices"])) - 1
-    rows = jnp.arange(len(self.stage_channels))
-    channels = jnp.asarray(self.stage_channels, jnp.int32)[rows, choice]
-    hidden = jnp.asarray([[self.stage1.hidden_for(c) for c in row]
-                          for row in self.stage_channels], jnp.int32)[rows, choice]
+    size = max(len(row) for row in self.stage_channels)
+    rows = [row + row[-1:] * (size - len(row)) for row in self.stage_channels]  # padded
+    choice = jnp.clip(arch.width, 1, jnp.asarray([len(r) for r in self.stage_channels])) - 1
+
+    def channels(stage):
+      return jnp.asarray(rows[stage], jnp.int32)[choice[stage]]
+
+    def hidden(block, stage):  # the block's expanded width for its input stage's channels
+      return jnp.asarray([block.hidden_for(c) for c in rows[stage]], jnp.int32)[choice[stage]]
+
     stem = self.stage1.in_channels
-    blocks = [(stem, self.stage1.hidden_for(stem), channels[0]),
-              (channels[0], hidden[0], channels[1]), (channels[1], hidden[1], channels[1])]
-    blocks += [(channels[1 + s], hidden[1 + s], channels[2 + s]) for s in range(3)]
-    return blocks + [channels[2 + s] for s in range(3)]
+    blocks = [(stem, self.stage1.hidden_for(stem), channels(0))]
+    blocks += [(channels(i), hidden(block, i), channels(1)) for i, block in
+               enumerate(self.stage2)]
+    blocks += [(channels(1 + s), hidden(down, 1 + s), channels(2 + s))
+               for s, down in enumerate(self.downsample)]
+    return blocks + [channels(2 + s) for s in range(3)]
 
   def __call__(self, images: jax.Array, arch: Arch | None = None, *, train: bool = False,
                key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
@@ -368,8 +378,7 @@ class MobileViTV2(nnx.Module):
     return search_space.SearchSpace(
         max_experts=self.max_experts, max_top_k=self.max_top_k, layers=tuple(shapes),
         base_params=base_params, base_macs=base_macs,
-        width_maxima=(len(self.config["width_choices"]),) * len(options)
-        if self.searches_width else (),
+        width_maxima=tuple(len(row) for row in options) if self.searches_width else (),
         width_blocks=tuple(blocks), depth_maxima=self.depths if self.search_depth else (),
         layer_costs=tuple(layer_costs))
 
