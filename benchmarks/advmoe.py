@@ -43,7 +43,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from scipy import stats
 
 from benchmarks import common
 from configs import default
@@ -200,15 +199,6 @@ def _mean(values: list) -> float | None:
   return float(np.mean(finite)) if finite else None
 
 
-def _interval(values: list[float]) -> dict:
-  values = np.asarray(values, np.float64)
-  mean = float(values.mean())
-  if len(values) < 2:
-    return {"mean": mean, "low": None, "high": None, "per_seed": values.tolist()}
-  half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-  return {"mean": mean, "low": mean - half, "high": mean + half, "per_seed": values.tolist()}
-
-
 def summarize(rows: list[dict]) -> dict:
   """Means over seeds, paired differences with t intervals, seconds per epoch."""
   summary = {}
@@ -227,7 +217,7 @@ def summarize(rows: list[dict]) -> dict:
         for name in METRICS:
           pairs = [(of["moe", "advmoe", s][name], of[(*baseline, s)][name]) for s in seeds]
           if None not in (value for pair in pairs for value in pair):
-            paired[label][name] = _interval([found - base for found, base in pairs])
+            paired[label][name] = common.seed_interval([found - base for found, base in pairs])
     timing = {}
     for model in ("dense", "moe"):
       if (model, "standard") in runs:

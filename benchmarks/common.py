@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
+from scipy import stats
 
 from configs import default
 from moenas_jax import checkpoint, export, search_space
@@ -23,6 +25,16 @@ SUPERNET_KEYS = ("seed", "data", "model", "supernet")
 
 def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
+
+
+def seed_interval(values: list[float]) -> dict:
+  """Mean over seeds with its 95% t interval (None bounds for one seed), and the values."""
+  values = np.asarray(values, np.float64)
+  mean = float(values.mean())
+  if len(values) < 2:
+    return {"mean": mean, "low": None, "high": None, "per_seed": values.tolist()}
+  half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+  return {"mean": mean, "low": mean - half, "high": mean + half, "per_seed": values.tolist()}
 
 
 @dataclasses.dataclass

@@ -9,8 +9,10 @@ Latency tables time MoE layers only, so budgets here are params and MACs.
 
 from configs import default
 
+WIDTH_CHOICES = (0.5, 0.75, 1.0)
+
 
 def get_config():
   config = default.get_config()
-  config.model.update(width_choices=(0.5, 0.75, 1.0), search_depth=True)
+  config.model.update(width_choices=WIDTH_CHOICES, search_depth=True)
   return config

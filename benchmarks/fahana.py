@@ -1,0 +1,162 @@
+"""FaHaNa's claim in kind: the model found over widths, depths and experts vs MobileNetV2.
+
+Run: python -m benchmarks.fahana --workdir=DIR [--datasets fashion_tones utkface]
+         [--seeds 0 1 2] [--utkface_dir=../shared/datasets/utkface] [--set train.epochs=3 ...]
+(one JSON object; progress on stderr)
+
+FaHaNa (Sheng et al., DAC 2022) reports its searched network against MobileNetV2: slightly
+higher accuracy, 5.28x smaller, fairer, 5.75x faster on a Raspberry Pi. Here, per dataset and
+seed, the whole search runs with width, depth and MoE genes (`configs/fahana.py` on
+Fashion-Tones; `configs/utkface_cpu.py` with the same genes on UTKFace gender by race, from
+`--utkface_dir`) in DIR/<dataset>/seed_<s> (resumable: a finished run is only read back), with
+MobileNetV2 as its baseline at the supernet's width multiplier (the closest width: the
+found model's channels are at most the supernet's), trained by the final stage with the found
+model's recipe and tested on the same images. Per run:
+
+- `size_ratio`: MobileNetV2's parameters over the found model's;
+- `latency_ratio`: MobileNetV2's measured latency over the found model's, both exported
+  (`export.load` of the found model, MobileNetV2 built at its config), jitted `predict` on one
+  image, medians of `--repeats` timed calls taken in turns (`latency.time_calls`) on this
+  machine;
+- `accuracy_delta`, `disparity_delta_interval`: found − MobileNetV2 on the test split, the
+  paired 95% bootstrap interval of the final stage (`summary["comparison"]`);
+- `target`: size_ratio ≥ 3, latency_ratio ≥ 2, accuracy_delta ≥ 0 and the disparity interval's
+  low end ≤ 0 (its disparity no higher).
+
+Per dataset, `over_seeds`: means with 95% t intervals over the seeds, and `target_met` when
+the means meet the size, latency and accuracy targets and every seed's disparity interval does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks import common
+from configs import fahana, utkface_cpu
+from moenas_jax import export, latency, models, search
+
+BASELINE = "mobilenet_v2"
+DATASETS = ("fashion_tones", "utkface")
+
+
+def config_for(dataset: str, seed: int, utkface_dir: str, overrides: list[str]):
+  """The search config of a dataset: its genes, MobileNetV2 as the baseline, `overrides`."""
+  if dataset == "fashion_tones":
+    config = fahana.get_config()
+  elif dataset == "utkface":
+    config = utkface_cpu.get_config()
+    config.model.update(width_choices=fahana.WIDTH_CHOICES, search_depth=True)
+    config.data.manual_dir = utkface_dir
+  else:
+    raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+  options = dict(config.get("baseline_options", {}).get(BASELINE, {}))
+  config.baselines = (BASELINE,)
+  config.baseline_options = {BASELINE: {**options,
+                                        "width_multiplier": config.model.width_multiplier}}
+  for override in overrides:
+    path, _, text = override.partition("=")
+    *sections, name = path.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    target[name] = ast.literal_eval(text)
+  config.seed = seed
+  return config
+
+
+def measured_latencies(found_dir: Path, baseline_options: dict, repeats: int) -> np.ndarray:
+  """ms per image of the exported found model and of MobileNetV2 at its options (same input)."""
+  found = export.load(found_dir)
+  height, width, channels = found.metadata["input_shape"]
+  mobilenet = export.Exported(models.build(
+      BASELINE, rngs=nnx.Rngs(0), num_classes=len(found.metadata["class_names"]),
+      image_size=(height, width), channels=channels, **baseline_options), metadata={})
+  image = jax.random.uniform(jax.random.key(0), (1, height, width, channels))
+  return latency.time_calls([lambda: found.predict(image), lambda: mobilenet.predict(image)],
+                            repeats=repeats, warmup=5)
+
+
+def compare(summary: dict, latencies_ms: np.ndarray) -> dict:
+  """One run's found − MobileNetV2 figures and its target checks."""
+  found = summary["final"]["trained"]
+  base = next(row["metrics"] for row in summary["baselines"] if row["name"] == BASELINE)
+  paired = next(c["found_minus_baseline"] for c in summary["comparison"]
+                if c["baseline"] == BASELINE)
+  row = {"size_ratio": base["params"] / found["params"],
+         "mac_ratio": base["macs"] / found["macs"],
+         "latency_ratio": float(latencies_ms[1] / latencies_ms[0]),
+         "accuracy_delta": found["accuracy"] - base["accuracy"],
+         "accuracy_delta_interval": paired["accuracy"],
+         "disparity_delta_interval": paired["disparity"],
+         "found": {key: found[key] for key in ("accuracy", "disparity", "worst_group_accuracy",
+                                               "params", "macs")},
+         BASELINE: {key: base[key] for key in ("accuracy", "disparity", "worst_group_accuracy",
+                                               "params", "macs")},
+         "latency_ms": {"found": float(latencies_ms[0]), BASELINE: float(latencies_ms[1])},
+         "group_counts": found["group_count"], "arch": summary["final"]["arch"]}
+  row["target"] = {"size": row["size_ratio"] >= 3, "latency": row["latency_ratio"] >= 2,
+                   "accuracy": row["accuracy_delta"] >= 0,
+                   "disparity": paired["disparity"]["low"] <= 0}
+  return row
+
+
+def over_seeds(rows: list[dict]) -> dict:
+  """Means over seeds with 95% t intervals, and whether they meet FaHaNa's targets."""
+  result = {key: common.seed_interval([row[key] for row in rows])
+            for key in ("size_ratio", "mac_ratio", "latency_ratio", "accuracy_delta")}
+  result["disparity_delta"] = common.seed_interval(
+      [row["disparity_delta_interval"]["estimate"] for row in rows])
+  result["target_met"] = bool(result["size_ratio"]["mean"] >= 3
+                              and result["latency_ratio"]["mean"] >= 2
+                              and result["accuracy_delta"]["mean"] >= 0
+                              and all(row["target"]["disparity"] for row in rows))
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--utkface_dir", default="../shared/datasets/utkface")
+  parser.add_argument("--repeats", type=int, default=200)
+  parser.add_argument("--set", dest="overrides", nargs="*", default=[],
+                      help="config overrides, e.g. train.epochs=3")
+  args = parser.parse_args()
+  begin = time.perf_counter()
+  results = {}
+  for dataset in args.datasets:
+    rows = []
+    for seed in args.seeds:
+      config = config_for(dataset, seed, args.utkface_dir, args.overrides)
+      workdir = Path(args.workdir) / dataset / f"seed_{seed}"
+      path = workdir / "results" / "summary.json"
+      if path.exists():
+        common.log(f"[fahana] {dataset} seed {seed}: reading {path}")
+        summary = json.loads(path.read_text())
+      else:
+        common.log(f"[fahana] {dataset} seed {seed}: searching in {workdir}")
+        with contextlib.redirect_stdout(sys.stderr):  # dataset preparation prints progress
+          summary = search.run_search(config, workdir, log=common.log)
+      common.log(f"[fahana] {dataset} seed {seed}: timing the found model and {BASELINE}")
+      latencies = measured_latencies(workdir / "final",
+                                     dict(config.baseline_options[BASELINE]), args.repeats)
+      rows.append({"seed": seed, **compare(summary, latencies)})
+    results[dataset] = {"runs": rows, "over_seeds": over_seeds(rows)}
+  print(json.dumps({"seeds": args.seeds, "overrides": args.overrides,
+                    "device": latency.device_description(), "datasets": results,
+                    "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
