@@ -7,11 +7,13 @@ Run: python -m benchmarks.fahana --workdir=DIR [--datasets fashion_tones utkface
 FaHaNa (Sheng et al., DAC 2022) reports its searched network against MobileNetV2: slightly
 higher accuracy, 5.28x smaller, fairer, 5.75x faster on a Raspberry Pi. Here, per dataset and
 seed, the whole search runs with width, depth and MoE genes (`configs/fahana.py` on
-Fashion-Tones; `configs/utkface_cpu.py` with the same genes on UTKFace gender by race, from
-`--utkface_dir`) in DIR/<dataset>/seed_<s> (resumable: a finished run is only read back), with
-MobileNetV2 as its baseline at the supernet's width multiplier (the closest width: the
-found model's channels are at most the supernet's), trained by the final stage with the found
-model's recipe and tested on the same images. Per run:
+Fashion-Tones; `configs/utkface_cpu.py` with the same genes and a width-0.25 supernet on
+UTKFace gender by race, from `--utkface_dir`) in DIR/<dataset>/seed_<s> (resumable: a finished
+run is only read back; the prepared data is shared by the seeds, DIR/<dataset>/data). The
+baseline is MobileNetV2 at the published width closest to the supernet's (0.35 for 0.25),
+trained by the final stage with the found model's recipe and tested on the same images. The
+hardware specification, as FaHaNa searches under one: `reward.param_budget` = a third of that
+MobileNetV2's parameters. Per run:
 
 - `size_ratio`: MobileNetV2's parameters over the found model's;
 - `latency_ratio`: MobileNetV2's measured latency over the found model's, both exported
@@ -34,6 +36,7 @@ import ast
 import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,26 +46,39 @@ from flax import nnx
 
 from benchmarks import common
 from configs import fahana, utkface_cpu
-from moenas_jax import export, latency, models, search
+from moenas_jax import costs, export, latency, models, search
+from moenas_jax.data import describe_dataset
 
 BASELINE = "mobilenet_v2"
 DATASETS = ("fashion_tones", "utkface")
+# MobileNetV2's published width multipliers (Sandler et al. 2018, Keras applications).
+MOBILENET_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
 def config_for(dataset: str, seed: int, utkface_dir: str, overrides: list[str]):
-  """The search config of a dataset: its genes, MobileNetV2 as the baseline, `overrides`."""
+  """The search config of a dataset: its genes, MobileNetV2 as the baseline, `overrides`.
+
+  MobileNetV2 takes the published width (`MOBILENET_WIDTHS`) closest to the supernet's and its
+  own stem for the image size. The hardware specification is FaHaNa's size target:
+  `reward.param_budget` = a third of that MobileNetV2's parameters (`--set
+  reward.param_budget=None` searches without it).
+  """
   if dataset == "fashion_tones":
     config = fahana.get_config()
   elif dataset == "utkface":
     config = utkface_cpu.get_config()
-    config.model.update(width_choices=fahana.WIDTH_CHOICES, search_depth=True)
+    # At width 0.5 the smallest candidate has 359k parameters, MobileNetV2 0.5 700k: none
+    # would be 3x smaller. 0.25 spans 95k-308k parameters, as on Fashion-Tones.
+    config.model.update(width_multiplier=0.25, width_choices=fahana.WIDTH_CHOICES,
+                        search_depth=True)
     config.data.manual_dir = utkface_dir
   else:
     raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-  options = dict(config.get("baseline_options", {}).get(BASELINE, {}))
+  width = min(MOBILENET_WIDTHS, key=lambda w: abs(w - config.model.width_multiplier))
   config.baselines = (BASELINE,)
-  config.baseline_options = {BASELINE: {**options,
-                                        "width_multiplier": config.model.width_multiplier}}
+  config.baseline_options = {BASELINE: {"width_multiplier": width}}
+  config.seed = seed
+  config.reward.param_budget = mobilenet_params(config) // 3
   for override in overrides:
     path, _, text = override.partition("=")
     *sections, name = path.split(".")
@@ -70,8 +86,19 @@ def config_for(dataset: str, seed: int, utkface_dir: str, overrides: list[str]):
     for section in sections:
       target = target[section]
     target[name] = ast.literal_eval(text)
-  config.seed = seed
   return config
+
+
+def mobilenet_params(config) -> int:
+  """The parameters of the config's MobileNetV2 baseline for its dataset's images and classes."""
+  with tempfile.TemporaryDirectory() as data_dir:
+    dataset = describe_dataset(config.data.name, data_dir,
+                               manual_dir=config.data.manual_dir or None,
+                               **dict(config.data.options))
+  height, width, channels = dataset.image_shape
+  return costs.count_params(nnx.eval_shape(lambda: models.build(
+      BASELINE, rngs=nnx.Rngs(0), num_classes=len(dataset.class_names),
+      image_size=(height, width), channels=channels, **config.baseline_options[BASELINE])))
 
 
 def measured_latencies(found_dir: Path, baseline_options: dict, repeats: int) -> np.ndarray:
@@ -139,6 +166,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
       config = config_for(dataset, seed, args.utkface_dir, args.overrides)
+      config.data.data_dir = str(Path(args.workdir) / dataset / "data")
       workdir = Path(args.workdir) / dataset / f"seed_{seed}"
       path = workdir / "results" / "summary.json"
       if path.exists():

@@ -49,15 +49,20 @@ def test_over_seeds_needs_the_means_and_every_seed_disparity():
   assert not fahana.over_seeds(rows)["target_met"]
 
 
-def test_configs_search_widths_and_depths_against_mobilenet_at_the_supernet_width():
+def test_configs_search_under_a_third_of_mobilenet_at_the_closest_published_width(tmp_path):
   config = fahana.config_for("fashion_tones", 2, "", ["train.epochs=1"])
   assert config.seed == 2 and config.train.epochs == 1
   assert config.model.width_choices == (0.5, 0.75, 1.0) and config.model.search_depth
   assert config.baselines == ("mobilenet_v2",)
-  assert dict(config.baseline_options["mobilenet_v2"]) == {"width_multiplier": 0.25}
-  config = fahana.config_for("utkface", 0, "/faces", [])
-  assert config.data.manual_dir == "/faces" and config.model.search_depth
-  assert dict(config.baseline_options["mobilenet_v2"]) == {"width_multiplier": 0.5,
-                                                            "stem_stride": 2}
+  # Supernet width 0.25: MobileNetV2 0.35, 408,938 parameters for 10 classes at 28 px.
+  assert dict(config.baseline_options["mobilenet_v2"]) == {"width_multiplier": 0.35}
+  assert config.reward.param_budget == 408_938 // 3
+  config = fahana.config_for("fashion_tones", 0, "", ["reward.param_budget=None"])
+  assert config.reward.param_budget is None
+  (tmp_path / "UTKFace.tar.gz").touch()  # described, not read
+  config = fahana.config_for("utkface", 0, str(tmp_path), [])
+  assert config.data.manual_dir == str(tmp_path) and config.model.width_multiplier == 0.25
+  # 2 classes at 32 px: 1280 · 8 fewer head weights and biases.
+  assert config.reward.param_budget == (408_938 - 8 * 1281) // 3
   with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
     fahana.config_for("cifar", 0, "", [])
