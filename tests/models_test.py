@@ -204,6 +204,8 @@ def test_width_and_depth_candidates_are_masks_under_one_compile():
   # distinct counts only: 16 · 0.75 and 16 · 1.0 both give 16, one value of the gene.
   assert model.stage_channels == ((8, 16), (16, 24, 32), (32, 48, 64), (48, 72, 96),
                                   (64, 96, 128))
+  # The model's own default candidate (no arch) is the space's largest.
+  assert search_space.to_dict(model.full_arch()) == search_space.to_dict(space.largest())
   graphdef, params, state = models.split(model)
 
   def outputs(arch, images):

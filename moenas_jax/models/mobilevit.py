@@ -245,7 +245,8 @@ class MobileViTV2(nnx.Module):
     return len(self.config["width_choices"]) > 1
 
   def full_arch(self) -> Arch:
-    """Every expert, the maximal top-k, full width and depth (`search_space().largest()`)."""
+    """Every expert, the maximal top-k, full width and depth: `search_space().largest()`
+    (tested equal), without building the space's cost tables."""
     width = (jnp.asarray([len(row) for row in self.stage_channels], jnp.int32)
              if self.searches_width else None)
     return Arch(jnp.asarray(self.max_experts, jnp.int32), jnp.asarray(self.max_top_k, jnp.int32),
