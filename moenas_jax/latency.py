@@ -13,13 +13,14 @@ space (`LatencyTable.check`) entry by entry.
 
 `measure_table` times, on the device it runs on, each block at each choice alone as the
 candidate's standalone model has it (`export.standalone`, the model's `blocks`: real input
-shape [B, ...]): jitted, `block_until_ready`, the median of `repeats` timed calls after
-`warmup` untimed ones, in rounds taken in turn by every block and the calibration candidates
+shape [B, ...]): a jitted loop of `iterations` runs (one dispatch for them all, as inside the
+model), `block_until_ready`, the median of `repeats` timed calls after `warmup` untimed ones
+over `iterations`, in rounds taken in turn by every block and the calibration candidates
 (below), so that a slow spell of a shared machine hits them all alike. Equal blocks (same
 module, same input) share one measurement.
 
-The constant holds what no row holds (the stem, blocks without genes) and what isolation
-misses (per-call dispatch, fusion across blocks). It is the mean, over the calibration
+The constant holds what no row holds (the stem, blocks without genes, the model's one
+dispatch) and what isolation misses (fusion across blocks). It is the mean, over the calibration
 candidates (by default the smallest and the largest one), of their measured end-to-end
 latency minus their table sum: the least-squares intercept with the slope fixed at 1.
 Validate on candidates disjoint from those (`benchmarks/latency.py`). End-to-end latency is
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -319,12 +321,17 @@ def model_call(supernet: nnx.Module, arch: Arch, batch_size: int) -> Callable[[]
   return lambda: exported.predict(images)
 
 
-def _block_call(module: nnx.Module, apply: Callable, inputs: jax.ShapeDtypeStruct
-                ) -> Callable[[], Any]:
-  """`apply(module, x)` jitted on a fixed random x, the weights constants (as in
-  `export.Exported.predict`, so a call dispatches one array, as the whole model's does)."""
+def _block_call(module: nnx.Module, apply: Callable, inputs: jax.ShapeDtypeStruct,
+                iterations: int) -> Callable[[], Any]:
+  """`apply(module, x)` `iterations` times in one jitted loop, the weights constants (as in
+  `export.Exported.predict`), from a fixed random x: one dispatch per call, as a block has
+  inside the whole model. Each step nudges x by its output's mean, so no step is hoisted."""
   graphdef, state = nnx.split(module)
-  run = jax.jit(lambda x: apply(nnx.merge(graphdef, state), x))
+
+  def step(_, x):
+    return x + 1e-6 * jnp.mean(apply(nnx.merge(graphdef, state), x))
+
+  run = jax.jit(lambda x: jax.lax.fori_loop(0, iterations, step, x))
   x = jax.random.uniform(jax.random.key(0), inputs.shape, inputs.dtype)
   return lambda: run(x)
 
@@ -340,13 +347,17 @@ def check_timeable(space: SearchSpace) -> None:
 
 
 def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
-                  warmup: int = 5, calibration: Sequence[Arch] | None = None) -> LatencyTable:
+                  warmup: int = 5, iterations: int = 16,
+                  calibration: Sequence[Arch] | None = None) -> LatencyTable:
   """Times every (block, choice) of `supernet`'s space and calibrates the constant on the
   `calibration` candidates (default: the smallest and the largest) on this process's device.
 
   A choice is timed in the standalone model of the dense candidate with the block's genes
   set to it (full depth, so every layer keeps its index); one model serves the choices of
-  several blocks that agree on their shared genes. A choice of 0 MACs is absent: 0 ms.
+  several blocks that agree on their shared genes. A choice of 0 MACs is absent: 0 ms. A
+  block's entry is a call of `iterations` runs of it (`_block_call`) over `iterations`: a
+  jitted call alone pays a dispatch (on the 2-core CPU about 0.1 ms, as much as a whole
+  block) that the block does not pay inside the model.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -376,14 +387,16 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
       keys[row.name, choice] = key
     pending = later
   distinct = list(calls)
-  ms = time_calls([_block_call(*calls[key]) for key in distinct]
+  ms = time_calls([_block_call(*calls[key], iterations) for key in distinct]
                   + [model_call(supernet, arch, batch_size) for arch in calibration],
                   repeats=repeats, warmup=warmup)  # one session: the same load for all
-  measured = dict(zip(distinct, ms.tolist()))
+  measured = dict(zip(distinct, (ms[:len(distinct)] / iterations).tolist()))
   method = {"statistic": "median", "repeats": repeats, "warmup": warmup,
+            "iterations": iterations,
             "moe_settings": dict(supernet.config["moe_settings"]),
             "calibration": [search_space.to_dict(arch) for arch in calibration],
-            "blocks": "each alone in the standalone model (jitted apply of its module)",
+            "blocks": "each alone in the standalone model: a jitted loop of `iterations` "
+                      "runs, over iterations",
             "constant": "mean over the calibration candidates of end-to-end ms minus the "
                         "table's sum (exported model, jitted predict)"}
   table = LatencyTable(rows, tuple({choice: measured[keys[row.name, choice]] if macs else 0.0
