@@ -13,8 +13,8 @@ space (`LatencyTable.check`) entry by entry.
 
 `measure_table` times, on the device it runs on, each block at each choice alone as the
 candidate's standalone model has it (`export.standalone`, the model's `blocks`: real input
-shape [B, ...]): a jitted loop of `iterations` runs (one dispatch for them all, as inside the
-model), `block_until_ready`, the median of `repeats` timed calls after `warmup` untimed ones
+shape [B, ...]): `iterations` copies in one jitted call (one dispatch for them all, as inside
+the model), `block_until_ready`, the median of `repeats` timed calls after `warmup` untimed ones
 over `iterations`, in rounds taken in turn by every block and the calibration candidates
 (below), so that a slow spell of a shared machine hits them all alike. Equal blocks (same
 module, same input) share one measurement.
@@ -323,15 +323,19 @@ def model_call(supernet: nnx.Module, arch: Arch, batch_size: int) -> Callable[[]
 
 def _block_call(module: nnx.Module, apply: Callable, inputs: jax.ShapeDtypeStruct,
                 iterations: int) -> Callable[[], Any]:
-  """`apply(module, x)` `iterations` times in one jitted loop, the weights constants (as in
-  `export.Exported.predict`), from a fixed random x: one dispatch per call, as a block has
-  inside the whole model. Each step nudges x by its output's mean, so no step is hoisted."""
+  """`apply(module, x)` `iterations` times in one jitted call, the weights constants (as in
+  `export.Exported.predict`), from a fixed random x: one dispatch for them all, as a block has
+  inside the whole model. Unrolled, so its ops run as the model's own do (a `fori_loop` body
+  ran a routed MoE layer's extra work 1.6x faster on the 2-core CPU); each copy nudges x by its
+  output's mean, so no copy is merged with another."""
   graphdef, state = nnx.split(module)
 
-  def step(_, x):
-    return x + 1e-6 * jnp.mean(apply(nnx.merge(graphdef, state), x))
+  def run(x):
+    for _ in range(iterations):
+      x = x + 1e-6 * jnp.mean(apply(nnx.merge(graphdef, state), x))
+    return x
 
-  run = jax.jit(lambda x: jax.lax.fori_loop(0, iterations, step, x))
+  run = jax.jit(run)
   x = jax.random.uniform(jax.random.key(0), inputs.shape, inputs.dtype)
   return lambda: run(x)
 
@@ -347,7 +351,7 @@ def check_timeable(space: SearchSpace) -> None:
 
 
 def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
-                  warmup: int = 5, iterations: int = 16,
+                  warmup: int = 5, iterations: int = 8,
                   calibration: Sequence[Arch] | None = None) -> LatencyTable:
   """Times every (block, choice) of `supernet`'s space and calibrates the constant on the
   `calibration` candidates (default: the smallest and the largest) on this process's device.
@@ -355,7 +359,7 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
   A choice is timed in the standalone model of the dense candidate with the block's genes
   set to it (full depth, so every layer keeps its index); one model serves the choices of
   several blocks that agree on their shared genes. A choice of 0 MACs is absent: 0 ms. A
-  block's entry is a call of `iterations` runs of it (`_block_call`) over `iterations`: a
+  block's entry is a call of `iterations` copies of it (`_block_call`) over `iterations`: a
   jitted call alone pays a dispatch (on the 2-core CPU about 0.1 ms, as much as a whole
   block) that the block does not pay inside the model.
   """
@@ -395,8 +399,8 @@ def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 2
             "iterations": iterations,
             "moe_settings": dict(supernet.config["moe_settings"]),
             "calibration": [search_space.to_dict(arch) for arch in calibration],
-            "blocks": "each alone in the standalone model: a jitted loop of `iterations` "
-                      "runs, over iterations",
+            "blocks": "each alone in the standalone model: one jitted call of `iterations` "
+                      "copies, over iterations",
             "constant": "mean over the calibration candidates of end-to-end ms minus the "
                         "table's sum (exported model, jitted predict)"}
   table = LatencyTable(rows, tuple({choice: measured[keys[row.name, choice]] if macs else 0.0

@@ -219,7 +219,7 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   supernet = models.build("mobilevit_v2", rngs=nnx.Rngs(0), num_classes=10,
                           image_size=(28, 28), channels=3, **settings.model_options(config))
   space = supernet.search_space()
-  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1)
+  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1, iterations=2)
   table.check(space)
   entries = [ms for row in table.ms for ms in row.values()]
   assert len(entries) == 3 * 5 and all(ms > 0 for ms in entries)  # 3 layers, 5 choices each
@@ -238,7 +238,7 @@ def test_measure_table_times_every_block_of_a_width_and_depth_supernet():
                           width_multiplier=0.25, depths=(1, 2, 1), max_experts=2,
                           width_choices=(0.5, 1.0), search_depth=True, rngs=nnx.Rngs(0))
   space = supernet.search_space()
-  table = latency.measure_table(supernet, repeats=10, warmup=1)
+  table = latency.measure_table(supernet, repeats=10, warmup=1, iterations=2)
   table.check(space)
   assert [row.name for row in table.blocks] == [
       "stage1", "stage2.0", "stage2.1", "downsample0", "vit0", "downsample1", "vit1",
