@@ -8,11 +8,11 @@ the target device with the search's config. It builds the config's supernet (wei
 initialisation: timing does not depend on them), measures `latency.measure_table` at
 `--batch_size` (1 image: the edge case) and saves it to `--output`. Then `--candidates`
 candidates sampled with `--seed` (none of them a calibration candidate of the constant, the
-dense and the largest), sorted by MACs, are exported (`export.standalone`) and timed end to end
+smallest and the largest), sorted by MACs, are exported (`export.standalone`) and timed end to end
 with the same `latency.time_calls` (repeats interleaved across the candidates). Printed:
 `latency_error`, the mean absolute relative error |predicted − measured| / measured,
 `max_error`, each candidate's predicted and measured ms, the table's device and the seconds.
-`calibration_drift`: the dense and the largest candidate timed again with the others, over
+`calibration_drift`: the smallest and the largest candidate timed again with the others, over
 their table latency (their fit): far from 1, the machine's load changed between the table and
 the validation, and the error shows that, not the table. `latency_error_rescaled`: the error
 with the predictions scaled by the mean drift (a diagnostic for a shared machine; the

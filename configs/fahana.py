@@ -4,7 +4,8 @@ the MoE genes inside the one supernet (FaHaNa-style: fairness-aware search over 
 
     python -m launch.search --workdir=runs/fahana --config=configs/fahana.py
 
-Latency tables time MoE layers only, so budgets here are params and MACs.
+A latency table (`python -m benchmarks.latency --config=fahana --output=<file>`) times each
+block per choice of its widths, experts and depth, so `reward.latency_budget` works here too.
 """
 
 from configs import default

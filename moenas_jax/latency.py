@@ -1,22 +1,31 @@
-"""Measured latency as a hardware specification: a table per (layer, choice), summed.
+"""Measured latency as a hardware specification: a table per (block, choice), summed.
 
-    latency(arch) = Σ_l table[layer l, choice of layer l] + constant   (milliseconds)
+    latency(arch) = Σ_b table[block b, choice of block b] + constant   (milliseconds)
 
-A choice is the tuple of a layer's gene values (today `(num_experts, top_k)` of one MoE
-feed-forward, in `SearchSpace.genes` order), so a new gene adds rows, not code paths.
-`measure_table` times, on the device it runs on, each MoE layer in isolation at its real input
-shape [B, T, D] for each of its valid choices: the standalone `moe.MoEFeedForward` of that many
-experts and that top-k, jitted, `block_until_ready`, the median of `repeats` timed calls after
-`warmup` untimed ones, in rounds taken in turn by every layer and the calibration candidates
-(below), so that a slow spell of a shared machine hits them all alike. Layers of equal shape
-share one measurement.
+The rows are the network's blocks whose cost a gene changes (`blocks`), a choice being the
+values of those genes: each MoE layer's transformer layer (attention and MoE feed-forward) by
+its (num_experts, top_k) and, with a depth gene, its stage's depth (absent past it: 0 ms);
+each width block (`SearchSpace.width_blocks`: an inverted residual, a MobileViT block's
+convolutions, the head) by the widths of its input and output. A new gene adds rows, not code
+paths; blocks no gene changes (the stem; every width block of a space without a width gene)
+are in the constant. Each entry carries the block's MACs, so a table is checked against a
+space (`LatencyTable.check`) entry by entry.
 
-The constant holds everything outside the MoE layers (stem, convolutions, attention, head) and
-what isolation misses (per-call dispatch, fusion across layers). It is the mean, over the
-calibration candidates (by default the smallest and the largest one), of their measured
-end-to-end latency minus their table sum: the least-squares intercept with the slope fixed at 1.
+`measure_table` times, on the device it runs on, each block at each choice alone as the
+candidate's standalone model has it (`export.standalone`, the model's `blocks`: real input
+shape [B, ...]): `iterations` copies in one jitted call (one dispatch for them all, as inside
+the model), `block_until_ready`, the median of `repeats` timed calls after `warmup` untimed ones
+over `iterations`, in rounds taken in turn by every block and the calibration candidates
+(below), so that a slow spell of a shared machine hits them all alike. Equal blocks (same
+module, same input) share one measurement.
+
+The constant holds what no row holds (the stem, blocks without genes, the model's one
+dispatch) and what isolation misses (fusion across blocks). It is the mean, over the calibration
+candidates (by default the smallest and the largest one), of their measured end-to-end
+latency minus their table sum: the least-squares intercept with the slope fixed at 1.
 Validate on candidates disjoint from those (`benchmarks/latency.py`). End-to-end latency is
-the exported model's jitted `predict` (`export.Exported`), timed by `time_calls` like the layers.
+the exported model's jitted `predict` (`export.Exported`), timed by `time_calls` like the
+blocks.
 
 Tables are JSON (`save`, atomic; `load`), with the device's description; loading a table
 measured elsewhere than expected logs a warning naming both devices.
@@ -39,7 +48,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from moenas_jax import checkpoint, export, moe, search_space
+from moenas_jax import checkpoint, export, search_space
 from moenas_jax.search_space import Arch, SearchSpace
 
 # The fields of a device description that name the hardware (the jax version is kept too, but
@@ -69,125 +78,178 @@ def device_name(device: Mapping[str, Any]) -> str:
           f"{device['cores']} cores")
 
 
+Choice = tuple[int, ...]
+
+
 def layer_names(space: SearchSpace) -> tuple[str, ...]:
-  """The table's names of the MoE layers, in `Arch` order."""
+  """The table's names of the MoE layers' blocks, in `Arch` order."""
   return tuple(f"moe{layer}" for layer in range(space.num_layers))
 
 
-def gene_names(space: SearchSpace) -> tuple[str, ...]:
-  """The names of a choice's values: the space's genes, in table order."""
-  return tuple(gene.name for gene in space.genes)
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A row of the table: block `name`, the genes whose values pick its entry ((gene, position)
+  pairs) and its MACs per image at each valid choice (0: the block is absent)."""
+
+  name: str
+  genes: tuple[tuple[str, int], ...]
+  macs: dict[Choice, int]
+
+  @property
+  def labels(self) -> tuple[str, ...]:
+    """The genes as 'gene[position]'."""
+    return tuple(f"{gene}[{position}]" for gene, position in self.genes)
 
 
-def layer_choices(space: SearchSpace, layer: int) -> tuple[tuple[int, ...], ...]:
-  """Every valid choice (gene values, `SearchSpace.genes` order) of one layer, by the space's
-  own rules (`SearchSpace.validate`, the other layers dense)."""
-  valid = []
-  for choice in itertools.product(*(range(1, gene.maxima[layer] + 1) for gene in space.genes)):
-    arch = search_space.present(space.dense())
-    for gene, value in zip(space.genes, choice):
-      arch[gene.name][layer] = value
+def _dense_with(space: SearchSpace, values: Mapping[tuple[str, int], int]) -> Arch:
+  """The dense candidate with the gene values {(gene, position): value} set."""
+  genes = search_space.present(space.dense())
+  for (gene, position), value in values.items():
+    genes[gene] = genes[gene].copy()
+    genes[gene][position] = value
+  return Arch(**genes)
+
+
+def _block(space: SearchSpace, name: str, genes: tuple[tuple[str, int], ...],
+           macs: Callable[[Arch], Any]) -> Block:
+  """Block `name` with every valid choice of `genes`, by the space's own rules: each set on
+  the dense candidate and kept if `SearchSpace.validate` takes it as is (canonical)."""
+  maxima = {gene.name: gene.maxima for gene in space.genes}
+  choices = {}
+  for choice in itertools.product(*(range(1, maxima[gene][position] + 1)
+                                    for gene, position in genes)):
     try:
-      space.validate(Arch(**arch))
+      arch = space.validate(_dense_with(space, dict(zip(genes, choice))))
     except ValueError:
       continue
-    valid.append(choice)
-  return tuple(valid)
+    if all(getattr(arch, gene)[position] == value
+           for (gene, position), value in zip(genes, choice)):
+      choices[choice] = int(macs(arch))
+  return Block(name, genes, choices)
+
+
+def blocks(space: SearchSpace) -> tuple[Block, ...]:
+  """The table's rows for `space`: its width blocks with a width gene (by the widths of their
+  input and output), then its MoE layers (by num_experts, top_k and their stage's depth)."""
+  check_timeable(space)
+  rows = []
+  for block in space.width_blocks:
+    genes = tuple(("width", position) for position in dict.fromkeys((block.source,
+                                                                      block.target))
+                  if position is not None)
+    if genes:
+      rows.append(_block(space, block.name, genes,
+                         lambda arch, block=block: block.costs(arch.width, "macs")))
+  stage = (np.repeat(np.arange(len(space.depth_maxima)), space.depth_maxima)
+           if space.depth_maxima else None)
+  for layer, name in enumerate(layer_names(space)):
+    genes = (("num_experts", layer), ("top_k", layer))
+    if stage is not None:
+      genes += (("depth", int(stage[layer])),)
+    rows.append(_block(space, name, genes,
+                       lambda arch, layer=layer: space.layer_macs(arch)[layer]))
+  return tuple(rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class LatencyTable:
-  """Milliseconds per (layer, choice) plus a constant, measured on `device` at `batch_size`.
+  """Milliseconds per (block, choice) plus a constant, measured on `device` at `batch_size`.
 
-  genes: the gene names of a choice; layers: {name: {"shape": [D, H, T], "ms": {choice: ms}}}
-  in `Arch` order; method: how it was measured (repeats, warm-up, calibration, statistic).
+  blocks: the rows (`Block`); ms: per row, {choice: ms}; method: how it was measured
+  (repeats, warm-up, calibration, statistic).
   """
 
-  genes: tuple[str, ...]
-  layers: dict[str, dict[str, Any]]
+  blocks: tuple[Block, ...]
+  ms: tuple[dict[Choice, float], ...]
   constant_ms: float
   batch_size: int
   device: dict[str, Any]
   method: dict[str, Any]
 
-  def _lookup(self) -> np.ndarray:
-    """[L, max+1 per gene] of ms, NaN where a choice is not in the table."""
-    sizes = [1 + max(choice[g] for row in self.layers.values() for choice in row["ms"])
-             for g in range(len(self.genes))]
-    table = np.full((len(self.layers), *sizes), np.nan)
-    for layer, row in enumerate(self.layers.values()):
-      for choice, ms in row["ms"].items():
-        table[(layer, *choice)] = ms
-    return table
-
-  def layer_sum(self, archs: Arch) -> np.ndarray:
-    """Σ_l of the table's ms for one candidate ([L] arrays: a scalar) or a population [P]."""
-    values = [np.asarray(getattr(archs, gene), np.int64) for gene in self.genes]
-    lookup = self._lookup()
-    if values[0].shape[-1] != lookup.shape[0]:
-      raise ValueError(f"the latency table has {lookup.shape[0]} layers, the arch "
-                       f"{values[0].shape[-1]}; measure a table for this supernet")
-    clipped = tuple(np.clip(v, 0, size - 1) for v, size in zip(values, lookup.shape[1:]))
-    per_layer = np.where(np.all([v == c for v, c in zip(values, clipped)], axis=0),
-                         lookup[(np.arange(lookup.shape[0]), *clipped)], np.nan)
-    if np.isnan(per_layer).any():
-      where = np.isnan(per_layer)
-      raise ValueError(f"the latency table has no entry for {self.genes} = "
-                       f"{tuple(int(v[where][0]) for v in values)} of layer "
-                       f"{list(self.layers)[np.argwhere(where)[0][-1]]}; measure a table for "
-                       f"this search space")
-    return per_layer.sum(-1)
+  def block_sum(self, archs: Arch) -> np.ndarray:
+    """Σ_b of the table's ms for one candidate ([n] arrays: a scalar) or a population [P]."""
+    lengths = {}
+    for block in self.blocks:
+      for gene, position in block.genes:
+        lengths[gene] = max(lengths.get(gene, 0), position + 1)
+    given = search_space.present(archs)
+    for gene, length in lengths.items():
+      size = np.shape(given[gene])[-1] if gene in given else 0
+      if size != length:
+        raise ValueError(f"the latency table has {length} positions of gene {gene}, the arch "
+                         f"{size}; measure a table for this supernet")
+    total = 0
+    for block, ms in zip(self.blocks, self.ms):
+      values = tuple(np.asarray(given[gene], np.int64)[..., position]
+                     for gene, position in block.genes)
+      lookup = np.full([2 + max(max(choice[i] for choice in ms), int(np.max(values[i])))
+                        for i in range(len(values))], np.nan)
+      for choice, value in ms.items():
+        lookup[choice] = value
+      entries = lookup[tuple(np.maximum(v, 0) for v in values)]
+      if np.isnan(entries).any():
+        where = tuple(int(i) for i in np.argwhere(np.isnan(entries))[0]) if np.ndim(
+            entries) else ()
+        raise ValueError(f"the latency table has no entry for {block.labels} = "
+                         f"{tuple(int(v[where]) for v in values)} of block {block.name}; "
+                         f"measure a table for this search space")
+      total = total + entries
+    return total
 
   def latency(self, archs: Arch) -> np.ndarray:
     """Predicted ms per image batch: the table's sum plus the constant (scalar or [P])."""
-    return self.layer_sum(archs) + self.constant_ms
+    return self.block_sum(archs) + self.constant_ms
 
   def minimum_ms(self) -> float:
-    """The fastest candidate's latency: the sum of per-layer minima plus the constant."""
-    return float(sum(min(row["ms"].values()) for row in self.layers.values())
-                 + self.constant_ms)
+    """The sum of each block's fastest entry plus the constant: the fastest candidate's
+    latency when the blocks are fastest at the same gene values (as at every gene 1), else
+    below it."""
+    return float(sum(min(ms.values()) for ms in self.ms) + self.constant_ms)
 
   def check(self, space: SearchSpace) -> None:
-    """Refuses a table whose layers, shapes or choices are not those of `space`."""
-    check_timeable(space)
-    names, genes = layer_names(space), gene_names(space)
-    if tuple(self.layers) != names or self.genes != genes:
-      raise ValueError(f"the latency table has layers {list(self.layers)} and genes "
-                       f"{list(self.genes)}, the supernet {list(names)} and {list(genes)}; "
-                       f"measure a table for this supernet")
-    for layer, (name, row) in enumerate(self.layers.items()):
-      shape = space.layers[layer]
-      if list(row["shape"]) != [shape.dim, shape.hidden, shape.tokens]:
-        raise ValueError(f"latency table layer {name} was measured at [D, H, T] = "
-                         f"{list(row['shape'])}, the supernet's is "
-                         f"{[shape.dim, shape.hidden, shape.tokens]}; measure a table for "
-                         f"this supernet")
-      expected = set(layer_choices(space, layer))
-      if set(row["ms"]) != expected:
-        raise ValueError(f"latency table layer {name} has choices {sorted(row['ms'])}, the "
-                         f"supernet {sorted(expected)} ({list(self.genes)}); measure a table "
+    """Refuses a table whose blocks, genes, choices or MACs are not those of `space`."""
+    expected = blocks(space)
+    have, want = [b.name for b in self.blocks], [b.name for b in expected]
+    if have != want:
+      raise ValueError(f"the latency table has blocks {have}, the supernet {want}; measure a "
+                       f"table for this supernet")
+    for block, wanted in zip(self.blocks, expected):
+      if block.genes != wanted.genes or set(block.macs) != set(wanted.macs):
+        raise ValueError(f"latency table block {block.name} has choices "
+                         f"{sorted(block.macs)} of {list(block.labels)}, the supernet "
+                         f"{sorted(wanted.macs)} of {list(wanted.labels)}; measure a table "
                          f"for this supernet")
+      for choice, macs in wanted.macs.items():
+        if block.macs[choice] != macs:
+          raise ValueError(f"latency table block {block.name} was measured at "
+                           f"{block.macs[choice]} MACs for {list(block.labels)} = "
+                           f"{list(choice)}, the supernet's has {macs}; measure a table for "
+                           f"this supernet")
 
   def to_dict(self) -> dict[str, Any]:
-    return {"genes": list(self.genes), "constant_ms": self.constant_ms,
-            "batch_size": self.batch_size, "device": self.device, "method": self.method,
-            "layers": [{"name": name, "shape": list(row["shape"]),
-                        "choices": [{**dict(zip(self.genes, choice)), "ms": ms}
-                                    for choice, ms in row["ms"].items()]}
-                       for name, row in self.layers.items()]}
+    return {"constant_ms": self.constant_ms, "batch_size": self.batch_size,
+            "device": self.device, "method": self.method,
+            "blocks": [{"name": block.name, "genes": [list(gene) for gene in block.genes],
+                        "choices": [{**dict(zip(block.labels, choice)),
+                                     "macs": block.macs[choice], "ms": value}
+                                    for choice, value in ms.items()]}
+                       for block, ms in zip(self.blocks, self.ms)]}
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
-    genes = tuple(data["genes"])
-    layers = {row["name"]: {"shape": list(row["shape"]),
-                            "ms": {tuple(int(entry[g]) for g in genes): float(entry["ms"])
-                                   for entry in row["choices"]}}
-              for row in data["layers"]}
-    return cls(genes, layers, float(data["constant_ms"]), int(data["batch_size"]),
+    rows, ms = [], []
+    for row in data["blocks"]:
+      block = Block(row["name"], tuple((str(g), int(p)) for g, p in row["genes"]), {})
+      choices = [(tuple(int(entry[label]) for label in block.labels), entry)
+                 for entry in row["choices"]]
+      rows.append(dataclasses.replace(block, macs={choice: int(entry["macs"])
+                                                   for choice, entry in choices}))
+      ms.append({choice: float(entry["ms"]) for choice, entry in choices})
+    return cls(tuple(rows), tuple(ms), float(data["constant_ms"]), int(data["batch_size"]),
                dict(data["device"]), dict(data["method"]))
 
 
-_KEYS = ("genes", "constant_ms", "batch_size", "device", "method", "layers")
+_KEYS = ("constant_ms", "batch_size", "device", "method", "blocks")
 
 
 def save(path: str | os.PathLike, table: LatencyTable) -> None:
@@ -259,27 +321,28 @@ def model_call(supernet: nnx.Module, arch: Arch, batch_size: int) -> Callable[[]
   return lambda: exported.predict(images)
 
 
-def _layer_call(shape: search_space.MoELayerShape, genes: Sequence[str], choice: Sequence[int],
-                moe_settings: Mapping[str, Any], batch_size: int) -> Callable[[], Any]:
-  """One MoE layer at `choice` as a standalone candidate has it, jitted on tokens [B, T, D]."""
-  values = dict(zip(genes, choice))
-  layer = moe.MoEFeedForward(shape.dim, shape.hidden, max_experts=values["num_experts"],
-                             max_top_k=values["top_k"], rngs=nnx.Rngs(0), **moe_settings)
-  graphdef, weights = nnx.split(layer)
-  arch = tuple(jnp.int32(values[name]) for name in ("num_experts", "top_k"))
-  apply = jax.jit(lambda weights, x: nnx.merge(graphdef, weights)(x, *arch)[0])
-  tokens = jax.random.normal(jax.random.key(0), (batch_size, shape.tokens, shape.dim))
-  return lambda: apply(weights, tokens)
+def _block_call(module: nnx.Module, apply: Callable, inputs: jax.ShapeDtypeStruct,
+                iterations: int) -> Callable[[], Any]:
+  """`apply(module, x)` `iterations` times in one jitted call, the weights constants (as in
+  `export.Exported.predict`), from a fixed random x: one dispatch for them all, as a block has
+  inside the whole model. Unrolled, so its ops run as the model's own do (a `fori_loop` body
+  ran a routed MoE layer's extra work 1.6x faster on the 2-core CPU); each copy nudges x by its
+  output's mean, so no copy is merged with another."""
+  graphdef, state = nnx.split(module)
+
+  def run(x):
+    for _ in range(iterations):
+      x = x + 1e-6 * jnp.mean(apply(nnx.merge(graphdef, state), x))
+    return x
+
+  run = jax.jit(run)
+  x = jax.random.uniform(jax.random.key(0), inputs.shape, inputs.dtype)
+  return lambda: run(x)
 
 
 def check_timeable(space: SearchSpace) -> None:
-  """Refuses a space with layers other than MoE feed-forwards (a table times those alone),
-  or with genes other than the MoE layers' (a table has no entries for widths or depths)."""
-  staged = [gene.name for gene in space.genes if gene.name not in search_space.LAYER_GENES]
-  if staged:
-    raise ValueError(f"this supernet also searches {staged}, whose latency a table (per MoE "
-                     f"layer choice) does not hold; use mac_budget, or a supernet with "
-                     f"width_choices=(1.0,) and search_depth=False")
+  """Refuses a space with layers other than MoE feed-forwards or with an image router (the
+  conv MoE models, whose blocks a table does not time)."""
   kinds = sorted({type(shape).__name__ for shape in space.layers} - {"MoELayerShape"})
   if kinds or space.router is not None:
     raise ValueError(f"latency tables time MoE feed-forward layers (mobilevit), this supernet "
@@ -288,34 +351,60 @@ def check_timeable(space: SearchSpace) -> None:
 
 
 def measure_table(supernet: nnx.Module, *, batch_size: int = 1, repeats: int = 200,
-                  warmup: int = 5, calibration: Sequence[Arch] | None = None) -> LatencyTable:
-  """Times every (layer, choice) of `supernet`'s space and calibrates the constant on the
-  `calibration` candidates (default: the smallest and the largest) on this process's device."""
+                  warmup: int = 5, iterations: int = 8,
+                  calibration: Sequence[Arch] | None = None) -> LatencyTable:
+  """Times every (block, choice) of `supernet`'s space and calibrates the constant on the
+  `calibration` candidates (default: the smallest and the largest) on this process's device.
+
+  A choice is timed in the standalone model of the dense candidate with the block's genes
+  set to it (full depth, so every layer keeps its index); one model serves the choices of
+  several blocks that agree on their shared genes. A choice of 0 MACs is absent: 0 ms. A
+  block's entry is a call of `iterations` copies of it (`_block_call`) over `iterations`: a
+  jitted call alone pays a dispatch (on the 2-core CPU about 0.1 ms, as much as a whole
+  block) that the block does not pay inside the model.
+  """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   space = supernet.search_space()
-  check_timeable(space)
-  genes = gene_names(space)
-  moe_settings = dict(supernet.config["moe_settings"])
+  rows = blocks(space)
   if calibration is None:
     calibration = [space.smallest(), space.largest()]
-  keys = [(shape, choice) for layer, shape in enumerate(space.layers)
-          for choice in layer_choices(space, layer)]
-  distinct = list(dict.fromkeys(keys))  # layers of equal shape: measured once
-  calls = [_layer_call(shape, genes, choice, moe_settings, batch_size)
-           for shape, choice in distinct]
-  calls += [model_call(supernet, arch, batch_size) for arch in calibration]
-  ms = time_calls(calls, repeats=repeats, warmup=warmup)  # one session: the same load for all
-  measured = dict(zip(distinct, ms.tolist()))
-  layers = {name: {"shape": [shape.dim, shape.hidden, shape.tokens],
-                   "ms": {choice: measured[shape, choice]
-                          for choice in layer_choices(space, layer)}}
-            for layer, (name, shape) in enumerate(zip(layer_names(space), space.layers))}
+  # A block's index in the model's `blocks`: width blocks, then MoE layers.
+  index = {block.name: i for i, block in enumerate(space.width_blocks)}
+  index.update({name: len(space.width_blocks) + i for i, name in enumerate(layer_names(space))})
+  pending = [(row, choice) for row in rows for choice, macs in row.macs.items() if macs]
+  calls, keys = {}, {}
+  while pending:
+    values, served, later = {}, [], []
+    for row, choice in pending:
+      wanted = {gene: value for gene, value in zip(row.genes, choice) if gene[0] != "depth"}
+      if all(values.get(gene, value) == value for gene, value in wanted.items()):
+        values.update(wanted)
+        served.append((row, choice))
+      else:
+        later.append((row, choice))
+    model_blocks = export.standalone(supernet, _dense_with(space, values)).blocks(batch_size)
+    for row, choice in served:
+      module, apply, inputs = model_blocks[index[row.name]]
+      key = (nnx.graphdef(module), inputs.shape)  # equal blocks: measured once
+      calls.setdefault(key, (module, apply, inputs))
+      keys[row.name, choice] = key
+    pending = later
+  distinct = list(calls)
+  ms = time_calls([_block_call(*calls[key], iterations) for key in distinct]
+                  + [model_call(supernet, arch, batch_size) for arch in calibration],
+                  repeats=repeats, warmup=warmup)  # one session: the same load for all
+  measured = dict(zip(distinct, (ms[:len(distinct)] / iterations).tolist()))
   method = {"statistic": "median", "repeats": repeats, "warmup": warmup,
-            "moe_settings": moe_settings,
+            "iterations": iterations,
+            "moe_settings": dict(supernet.config["moe_settings"]),
             "calibration": [search_space.to_dict(arch) for arch in calibration],
+            "blocks": "each alone in the standalone model: one jitted call of `iterations` "
+                      "copies, over iterations",
             "constant": "mean over the calibration candidates of end-to-end ms minus the "
                         "table's sum (exported model, jitted predict)"}
-  table = LatencyTable(genes, layers, 0.0, batch_size, device_description(), method)
-  sums = table.layer_sum(search_space.stack(calibration))
+  table = LatencyTable(rows, tuple({choice: measured[keys[row.name, choice]] if macs else 0.0
+                                    for choice, macs in row.macs.items()} for row in rows),
+                       0.0, batch_size, device_description(), method)
+  sums = table.block_sum(search_space.stack(calibration))
   return dataclasses.replace(table, constant_ms=float(np.mean(ms[len(distinct):] - sums)))

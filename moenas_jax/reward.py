@@ -297,7 +297,7 @@ class RewardSpec:
     the narrowest width and depth 1 where searched): parameters grow with every expert
     count, width and depth and MACs also with every top-k (see
     `SearchSpace.params` and `SearchSpace.macs`). The fastest latency is the table's sum of
-    per-layer minima plus its constant (`LatencyTable.minimum_ms`).
+    per-block minima plus its constant (`LatencyTable.minimum_ms`).
     """
     if latency_table is None and "latency_ms" in {term.metric for term in self.terms}:
       raise BudgetError("latency_ms", "a latency_ms term needs a latency table; build one "
@@ -314,7 +314,7 @@ class RewardSpec:
       if term.budget < minimum:
         field = _CONFIG_FIELD_OF.get(term.metric)
         where = f" (config.reward.{field})" if field else ""
-        smallest = ("fastest candidate (per layer its fastest choice, plus the table's "
+        smallest = ("fastest candidate (per block its fastest choice, plus the table's "
                     "constant)" if term.metric == "latency_ms" else "smallest candidate (every "
                     "gene at 1: one expert, top-1 in every layer)")
         raise BudgetError(term.metric, f"the {term.metric} budget {term.budget:{spec}} is "

@@ -220,10 +220,11 @@ class ImageRouterShape:
 
 @dataclasses.dataclass(frozen=True)
 class WidthBlock:
-  """A block whose costs follow the active widths of its input and output: `params[i][j]`,
-  `macs[i][j]` at value i + 1 of gene `width` at position `source` and value j + 1 at
-  `target` (None: a width that is not searched, one row or column)."""
+  """A block (named `name`) whose costs follow the active widths of its input and output:
+  `params[i][j]`, `macs[i][j]` at value i + 1 of gene `width` at position `source` and value
+  j + 1 at `target` (None: a width that is not searched, one row or column)."""
 
+  name: str
   source: int | None
   target: int | None
   params: tuple[tuple[int, ...], ...]
@@ -480,8 +481,8 @@ class SearchSpace:
     widths and depths)."""
     experts = np.asarray(arch.num_experts, np.int64)
     layers = [layer.params(experts[..., i]) for i, layer in enumerate(self.layers)]
-    return (self.base_params + self._staged(arch, layers, 0, "params")
-            + self._router(experts, "params"))
+    return (self.base_params + self._used(arch, layers, 0).sum(-1)
+            + self._width_costs(arch, "params") + self._router(experts, "params"))
 
   def macs(self, arch: Arch) -> np.ndarray:
     """Multiply-accumulates per image on the active path.
@@ -490,18 +491,28 @@ class SearchSpace:
     would run.
     """
     experts = np.asarray(arch.num_experts, np.int64)
-    top_k = np.asarray(arch.top_k, np.int64)
-    layers = [layer.macs(experts[..., i], top_k[..., i]) for i, layer in enumerate(self.layers)]
-    return self.base_macs + self._staged(arch, layers, 1, "macs") + self._router(experts, "macs")
+    return (self.base_macs + self.layer_macs(arch).sum(-1) + self._width_costs(arch, "macs")
+            + self._router(experts, "macs"))
 
-  def _staged(self, arch: Arch, layers: list[np.ndarray], column: int, cost: str) -> Any:
-    """The MoE layers' costs (with their `layer_costs`) where used, plus the width blocks'."""
+  def layer_macs(self, arch: Arch) -> np.ndarray:
+    """[..., L]: each MoE layer's MACs per image with its `layer_costs`, 0 where unused."""
+    experts = np.asarray(arch.num_experts, np.int64)
+    top_k = np.asarray(arch.top_k, np.int64)
+    return self._used(arch, [layer.macs(experts[..., i], top_k[..., i])
+                             for i, layer in enumerate(self.layers)], 1)
+
+  def _used(self, arch: Arch, layers: list[np.ndarray], column: int) -> np.ndarray:
+    """[..., L]: the MoE layers' costs plus their `layer_costs` (column 0: params, 1: MACs)
+    where used, else 0."""
     depth = None if arch.depth is None else np.asarray(arch.depth, np.int64)
+    surroundings = (np.asarray([cost[column] for cost in self.layer_costs], np.int64)
+                    if self.layer_costs else 0)
+    return self.used_layers(depth) * (np.stack(layers, -1) + surroundings)
+
+  def _width_costs(self, arch: Arch, cost: str) -> Any:
+    """The width blocks' params or MACs."""
     width = None if arch.width is None else np.asarray(arch.width, np.int64)
-    used = self.used_layers(depth)
-    total = sum(used[..., i] * (value + (self.layer_costs[i][column] if self.layer_costs
-                                         else 0)) for i, value in enumerate(layers))
-    return total + sum(block.costs(width, cost) for block in self.width_blocks)
+    return sum(block.costs(width, cost) for block in self.width_blocks)
 
   def _router(self, experts: np.ndarray, cost: str) -> np.ndarray:
     return 0 if self.router is None else getattr(self.router, cost)(experts)

@@ -13,6 +13,7 @@ from moenas_jax import latency, models, reward, search, settings
 from moenas_jax.compilation import count_compilations
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace, stack
 from moenas_jax.stages import search as search_stage
+from tests.synthetic_search import WIDTH_DEPTH
 
 SPACE = SearchSpace(max_experts=(3, 2), max_top_k=(2, 2),
                     layers=(MoELayerShape(4, 8, 5), MoELayerShape(6, 4, 3)),
@@ -22,20 +23,58 @@ MIXED = Arch(np.array([3, 2], np.int32), np.array([2, 1], np.int32))
 LARGEST = Arch(np.array([3, 2], np.int32), np.array([2, 2], np.int32))
 
 
+def _ms(block, choice):
+  """MoE layer l at (n, k) takes (l + 1) + 0.1 n + 0.01 k ms (0 when absent: 0 MACs); a width
+  block at input and output widths (a, b) 0.1 a + 0.01 b."""
+  if block.macs[choice] == 0:
+    return 0.0
+  if block.name.startswith("moe"):
+    return int(block.name[3:]) + 1 + 0.1 * choice[0] + 0.01 * choice[1]
+  return 0.1 * choice[0] + 0.01 * choice[-1]
+
+
 def _table(space, device=None, constant_ms=0.5):
-  """Layer l at (n, k) takes (l + 1) + 0.1 n + 0.01 k ms."""
-  layers = {name: {"shape": [shape.dim, shape.hidden, shape.tokens],
-                   "ms": {(n, k): (layer + 1) + 0.1 * n + 0.01 * k
-                          for n, k in latency.layer_choices(space, layer)}}
-            for layer, (name, shape) in enumerate(zip(latency.layer_names(space), space.layers))}
-  return latency.LatencyTable(("num_experts", "top_k"), layers, constant_ms, 1,
-                              device or latency.device_description(), {"repeats": 3})
+  rows = latency.blocks(space)
+  return latency.LatencyTable(rows, tuple({c: _ms(row, c) for c in row.macs} for row in rows),
+                              constant_ms, 1, device or latency.device_description(),
+                              {"repeats": 3})
 
 
 def test_each_layer_has_the_choices_of_the_space():
-  assert latency.layer_choices(SPACE, 0) == ((1, 1), (2, 1), (2, 2), (3, 1), (3, 2))
-  assert latency.layer_choices(SPACE, 1) == ((1, 1), (2, 1), (2, 2))
-  assert latency.layer_names(SPACE) == ("moe0", "moe1")
+  moe0, moe1 = latency.blocks(SPACE)
+  assert (moe0.name, moe0.labels) == ("moe0", ("num_experts[0]", "top_k[0]"))
+  assert list(moe0.macs) == [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)]
+  assert list(moe1.macs) == [(1, 1), (2, 1), (2, 2)]
+  # MoELayerShape(6, 4, 3) at (2, 2): 3 tokens · (2 · 2 · 6 · 4 + 6 · 2 + 2 · 6) = 360 MACs.
+  assert moe1.macs[2, 2] == 360
+
+
+def test_a_width_and_depth_space_has_a_row_per_block_and_every_valid_choice():
+  block, moe0, moe1, moe2 = latency.blocks(WIDTH_DEPTH)
+  assert [(row.name, row.labels) for row in (block, moe0, moe2)] == [
+      ("block", ("width[0]", "width[1]")), ("moe0", ("num_experts[0]", "top_k[0]", "depth[0]")),
+      ("moe2", ("num_experts[2]", "top_k[2]", "depth[1]"))]
+  assert list(block.macs) == [(a, b) for a in (1, 2, 3) for b in (1, 2, 3)]
+  assert block.macs[2, 3] == 60
+  # 4 experts, top-2: 7 choices (n, k); layer 1 is used at both depths of stage 1, layer 2
+  # only at depth 2 (past it: the canonical (1, 1), absent, 0 MACs).
+  assert len(moe1.macs) == 14 and len(moe2.macs) == 8
+  assert moe2.macs[1, 1, 1] == 0 and moe2.macs[1, 1, 2] == 4 * 2 * 4 * 8 + 50
+  table = _table(WIDTH_DEPTH)
+  table.check(WIDTH_DEPTH)
+  population = WIDTH_DEPTH.sample_population(jax.random.key(0), 256)
+  assert np.isfinite(table.latency(population)).all()
+  deep = Arch(np.array([2, 3, 4]), np.array([1, 2, 2]), np.array([3, 1]), np.array([1, 2]))
+  shallow = Arch(np.array([2, 3, 1]), np.array([1, 2, 1]), np.array([3, 1]), np.array([1, 1]))
+  # deep: block 0.3 + 0.01, moe0 1 + 0.2 + 0.01, moe1 2 + 0.3 + 0.02, moe2 3 + 0.4 + 0.02,
+  # + 0.5 = 7.76; shallow: moe2 absent (0 ms): 7.76 − 3.42 = 4.34.
+  np.testing.assert_allclose(table.latency(stack([deep, shallow])), [7.76, 4.34], rtol=1e-12)
+  # The fastest: every gene at 1, 0.11 + 1.11 + 2.11 + 0 + 0.5 = 3.83 ms.
+  np.testing.assert_allclose(table.minimum_ms(), 3.83, rtol=1e-12)
+  np.testing.assert_allclose(table.latency(WIDTH_DEPTH.smallest()), 3.83, rtol=1e-12)
+  reward.spec_from_config({"latency_budget": 3.83}).check_budget(WIDTH_DEPTH, table)
+  with pytest.raises(reward.BudgetError, match="below the 3.83 ms of the fastest candidate"):
+    reward.spec_from_config({"latency_budget": 3.8}).check_budget(WIDTH_DEPTH, table)
 
 
 def test_latency_is_the_sum_of_the_entries_plus_the_constant():
@@ -46,10 +85,11 @@ def test_latency_is_the_sum_of_the_entries_plus_the_constant():
   np.testing.assert_allclose(table.latency(stack([DENSE, MIXED, LARGEST])), [3.72, 4.03, 4.04],
                              rtol=1e-12)
   np.testing.assert_allclose(table.minimum_ms(), 3.72, rtol=1e-12)
-  with pytest.raises(ValueError, match=r"no entry for \('num_experts', 'top_k'\) = \(4, 1\) "
-                                       r"of layer moe1"):
+  with pytest.raises(ValueError, match=r"no entry for \('num_experts\[1\]', 'top_k\[1\]'\) = "
+                                       r"\(4, 1\) of block moe1"):
     table.latency(Arch(np.array([1, 4]), np.array([1, 1])))
-  with pytest.raises(ValueError, match="the latency table has 2 layers, the arch 3"):
+  with pytest.raises(ValueError, match="the latency table has 2 positions of gene num_experts, "
+                                       "the arch 3"):
     table.latency(Arch(np.ones(3, np.int32), np.ones(3, np.int32)))
 
 
@@ -86,16 +126,21 @@ def test_a_table_of_another_supernet_is_refused():
   table = _table(SPACE)
   table.check(SPACE)
   wider = SearchSpace((3, 2), (2, 2), (MoELayerShape(4, 8, 5), MoELayerShape(8, 4, 3)), 0, 0)
-  with pytest.raises(ValueError, match=r"layer moe1 was measured at \[D, H, T\] = \[6, 4, 3\], "
-                                       r"the supernet's is \[8, 4, 3\]"):
+  # Layer 1 at (1, 1): 3 tokens · 2 · D · 4 MACs, 144 at D = 6, 192 at D = 8.
+  with pytest.raises(ValueError, match=r"block moe1 was measured at 144 MACs for \['num_experts"
+                                       r"\[1\]', 'top_k\[1\]'\] = \[1, 1\], the supernet's "
+                                       r"has 192; measure a table for this supernet"):
     table.check(wider)
   more = SearchSpace((3, 3), (2, 2), SPACE.layers, 0, 0)
-  with pytest.raises(ValueError, match=r"layer moe1 has choices .* the supernet .*\(3, 2\)"):
+  with pytest.raises(ValueError, match=r"block moe1 has choices .* the supernet .*\(3, 2\)"):
     table.check(more)
   deeper = SearchSpace((3, 2, 2), (2, 2, 2), SPACE.layers + SPACE.layers[1:], 0, 0)
-  with pytest.raises(ValueError, match=r"has layers \['moe0', 'moe1'\].*the supernet "
+  with pytest.raises(ValueError, match=r"has blocks \['moe0', 'moe1'\].*the supernet "
                                        r"\['moe0', 'moe1', 'moe2'\]"):
     table.check(deeper)
+  with pytest.raises(ValueError, match=r"has blocks \['moe0', 'moe1'\], the supernet "
+                                       r"\['block', 'moe0', 'moe1', 'moe2'\]"):
+    table.check(WIDTH_DEPTH)
 
 
 def test_a_latency_budget_below_the_fastest_candidate_or_without_a_table_is_refused():
@@ -151,7 +196,7 @@ def test_the_config_checks_the_table_and_the_budget_before_compiling(tmp_path):
   ]
   latency.save(tmp_path / "small.json", _table(SPACE))
   cases.append(({"search.latency_table": str(tmp_path / "small.json")}, "search.latency_table",
-                r"has layers \['moe0', 'moe1'\]"))
+                r"has blocks \['moe0', 'moe1'\]"))
   for values, field, message in cases:
     config = smoke.get_config()
     for name, value in values.items():
@@ -174,9 +219,9 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   supernet = models.build("mobilevit_v2", rngs=nnx.Rngs(0), num_classes=10,
                           image_size=(28, 28), channels=3, **settings.model_options(config))
   space = supernet.search_space()
-  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1)
+  table = latency.measure_table(supernet, batch_size=1, repeats=10, warmup=1, iterations=2)
   table.check(space)
-  entries = [ms for row in table.layers.values() for ms in row["ms"].values()]
+  entries = [ms for row in table.ms for ms in row.values()]
   assert len(entries) == 3 * 5 and all(ms > 0 for ms in entries)  # 3 layers, 5 choices each
   assert np.isfinite(table.constant_ms)
   assert table.device == latency.device_description() and table.batch_size == 1
@@ -186,6 +231,23 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   np.testing.assert_allclose(table.latency(population),
                              [table.latency(arch) for arch in
                               [jax.tree.map(lambda v, i=i: v[i], population) for i in range(4)]])
+
+
+def test_measure_table_times_every_block_of_a_width_and_depth_supernet():
+  supernet = models.build("mobilevit_v2", num_classes=2, image_size=(16, 16),
+                          width_multiplier=0.25, depths=(1, 2, 1), max_experts=2,
+                          width_choices=(0.5, 1.0), search_depth=True, rngs=nnx.Rngs(0))
+  space = supernet.search_space()
+  table = latency.measure_table(supernet, repeats=10, warmup=1, iterations=2)
+  table.check(space)
+  assert [row.name for row in table.blocks] == [
+      "stage1", "stage2.0", "stage2.1", "downsample0", "vit0", "downsample1", "vit1",
+      "downsample2", "vit2", "head", "moe0", "moe1", "moe2", "moe3"]
+  # Each entry is timed (> 0) but a layer past its stage's depth (0 MACs, 0 ms).
+  for row, ms in zip(table.blocks, table.ms):
+    assert all((value > 0) == (row.macs[choice] > 0) for choice, value in ms.items())
+  assert table.ms[12][1, 1, 1] == 0  # moe2, the second layer of stage 1, at depth 1
+  assert np.isfinite(table.latency(space.sample_population(jax.random.key(0), 16))).all()
 
 
 def test_the_search_scores_latency_ms_from_the_table(tmp_path):
@@ -212,17 +274,6 @@ def test_a_conv_moe_space_is_refused_before_timing():
                        width_multiplier=0.25, max_experts=2, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"time MoE feed-forward layers .* has "
                                        r"\['ConvMoELayerShape'\]; use mac_budget"):
-    latency.measure_table(model, repeats=1)
-  with pytest.raises(ValueError, match="use mac_budget"):
-    _table(SPACE).check(model.search_space())
-
-
-def test_a_space_with_width_or_depth_genes_is_refused_before_timing():
-  model = nnx.eval_shape(lambda: models.build(
-      "mobilevit_v2", num_classes=2, width_multiplier=0.25, depths=(1, 1, 1), max_experts=2,
-      width_choices=(0.5, 1.0), search_depth=True, rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match=r"also searches \['width', 'depth'\], whose latency a "
-                                       r"table .* does not hold; use mac_budget"):
     latency.measure_table(model, repeats=1)
   with pytest.raises(ValueError, match="use mac_budget"):
     _table(SPACE).check(model.search_space())

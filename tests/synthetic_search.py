@@ -28,7 +28,7 @@ STAGED = StagedSpace(max_experts=(4, 2), max_top_k=(2, 2), layers=(MoELayerShape
 WIDTH_DEPTH = SearchSpace(
     max_experts=(4,) * 3, max_top_k=(2,) * 3, layers=(MoELayerShape(4, 8, 4),) * 3,
     base_params=100, base_macs=1000, width_maxima=(3, 3), depth_maxima=(1, 2),
-    width_blocks=(WidthBlock(0, 1, ((1, 2, 3), (2, 4, 6), (3, 6, 9)),
+    width_blocks=(WidthBlock("block", 0, 1, ((1, 2, 3), (2, 4, 6), (3, 6, 9)),
                              ((10, 20, 30), (20, 40, 60), (30, 60, 90))),),
     layer_costs=((5, 50),) * 3)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +32,11 @@ from moenas_jax.search_space import Arch
 NAME = "mobilevit_v2"
 _STAGE_WIDTHS = (64, 128, 256, 384, 512)
 _ATTENTION_WIDTHS = (128, 192, 256)
+
+
+def _mask(x: jax.Array, channels: Any) -> jax.Array:
+  """x with the channels from `channels` on set to 0 (None: x)."""
+  return x if channels is None else layers.mask_channels(x, channels)
 
 
 class LinearSelfAttention(nnx.Module):
@@ -92,14 +97,7 @@ class MobileViTBlock(nnx.Module):
     """`channels`: the active width of a width candidate (its other channels are 0 in x and
     set to 0 here); `depth`: its layers used (the others pass their input through and count
     nothing in the metrics). None: every channel, every layer."""
-    batch, height, width, _ = x.shape
-    p = self.patch
-    mask = (lambda v: v) if channels is None else (
-        lambda v: layers.mask_channels(v, channels))
-    y = self.to_tokens(mask(self.local(x, train)))
-    # Unfold [B, H, W, D] → [B, P = p·p pixels of a patch, N = patches, D].
-    y = y.reshape(batch, height // p, p, width // p, p, self.dim).transpose(0, 2, 4, 1, 3, 5)
-    y = y.reshape(batch, p * p, (height // p) * (width // p), self.dim)
+    y = self.unfold(x, train, channels)
     metrics = []
     for i, layer in enumerate(self.transformer):
       layer_key = None if key is None else jax.random.fold_in(key, i)
@@ -110,9 +108,25 @@ class MobileViTBlock(nnx.Module):
         layer_metrics = jax.tree.map(lambda m, used=used: jnp.where(used, m, 0), layer_metrics)
       y = out
       metrics.append(layer_metrics)
+    return self.fold(y, x.shape, train, channels), metrics
+
+  def unfold(self, x: jax.Array, train: bool, channels: Any = None) -> jax.Array:
+    """The local representation of x [B, H, W, C] as tokens [B, P = p·p pixels of a patch,
+    N = patches, D]."""
+    batch, height, width, _ = x.shape
+    p = self.patch
+    y = self.to_tokens(_mask(self.local(x, train), channels))
+    y = y.reshape(batch, height // p, p, width // p, p, self.dim).transpose(0, 2, 4, 1, 3, 5)
+    return y.reshape(batch, p * p, (height // p) * (width // p), self.dim)
+
+  def fold(self, y: jax.Array, shape: Sequence[int], train: bool,
+           channels: Any = None) -> jax.Array:
+    """Tokens [B, P, N, D] normed, folded back to the block's input `shape` and projected."""
+    batch, height, width, _ = shape
+    p = self.patch
     y = self.norm(y).reshape(batch, p, p, height // p, width // p, self.dim)
     y = y.transpose(0, 3, 1, 4, 2, 5).reshape(batch, height, width, self.dim)
-    return mask(self.project(y, train)), metrics
+    return _mask(self.project(y, train), channels)
 
   def costs(self, height: int, width: int, channels: int) -> tuple[int, int]:
     """(params, MACs per image) outside the transformer layers, built for `channels`."""
@@ -338,17 +352,50 @@ class MobileViTV2(nnx.Module):
       config.update(search_depth=False, depths=tuple(np.asarray(arch.depth).tolist()))
     return config
 
+  def blocks(self, batch_size: int) -> list[tuple[nnx.Module, Callable, jax.ShapeDtypeStruct]]:
+    """The blocks the search space prices, to time each alone in the model as built: (module,
+    its inference call `apply(module, x)`, its input x [batch_size, ...]) for the width blocks
+    in `search_space().width_blocks` order, then the transformer layers (attention and MoE
+    feed-forward) in layer order."""
+    found, transformer = [], []
+
+    def add(module, apply, x):
+      found.append((module, apply, x))
+      return jax.eval_shape(lambda x: apply(module, x), x)
+
+    def block(module, x):
+      return module(x, False)
+
+    def local(vit, x):  # a MobileViT block without its transformer layers
+      return vit.fold(vit.unfold(x, False), x.shape, False)
+
+    def layer(module, tokens):
+      return module(tokens, jnp.int32(module.ffn.max_experts), jnp.int32(module.ffn.max_top_k),
+                    train=False, key=None)[0]
+
+    x = jax.eval_shape(lambda x: self.stem(x, False),
+                       jax.ShapeDtypeStruct((batch_size, *self.input_shape), jnp.float32))
+    for module in (self.stage1, *self.stage2):
+      x = add(module, block, x)
+    for down, vit in zip(self.downsample, self.vit):
+      x = add(down, block, x)
+      add(vit, local, x)
+      tokens = jax.eval_shape(lambda x, vit=vit: vit.unfold(x, False), x)
+      transformer += [(module, layer, tokens) for module in vit.transformer]
+    add(self.head, lambda head, x: head(x.mean(axis=(1, 2))), x)
+    return found + transformer
+
   def search_space(self) -> search_space.SearchSpace:
     """The space of this supernet: per-layer maxima, MoE layer shapes, the costs of the
     blocks by their active widths and of the transformer layers by depth, the rest."""
     options = self.stage_channels  # a position's channels per width value
 
-    def block(source, target, cost):
+    def block(name, source, target, cost):
       rows = options[source] if source is not None else (None,)
       cols = options[target] if target is not None else (None,)
       table = [[cost(a, b) for b in cols] for a in rows]
       return search_space.WidthBlock(
-          source if self.searches_width else None, target if self.searches_width else None,
+          name, source if self.searches_width else None, target if self.searches_width else None,
           *(tuple(tuple(entry[i] for entry in row) for row in table) for i in range(2)))
 
     height, width = self.input_shape[:2]
@@ -356,22 +403,23 @@ class MobileViTV2(nnx.Module):
     height, width = (layers.out_size(s, self.stem.stride) for s in (height, width))
     stem = self.stem.out_channels
     blocks, shapes, layer_costs = [], [], []
-    ir_blocks = [(self.stage1, None, 0), (self.stage2[0], 0, 1), (self.stage2[1], 1, 1)]
-    ir_blocks += [(down, 1 + s, 2 + s) for s, down in enumerate(self.downsample)]
-    for index, (ir, source, target) in enumerate(ir_blocks):
-      blocks.append(block(source, target, lambda a, b, ir=ir, h=height, w=width: ir.costs(
+    ir_blocks = [("stage1", self.stage1, None, 0), ("stage2.0", self.stage2[0], 0, 1),
+                 ("stage2.1", self.stage2[1], 1, 1)]
+    ir_blocks += [(f"downsample{s}", down, 1 + s, 2 + s) for s, down in enumerate(self.downsample)]
+    for index, (name, ir, source, target) in enumerate(ir_blocks):
+      blocks.append(block(name, source, target, lambda a, b, ir=ir, h=height, w=width: ir.costs(
           h, w, stem if a is None else a, b)))
       height, width = (layers.out_size(s, ir.stride) for s in (height, width))
       if index >= 3:
         vit = self.vit[index - 3]
-        blocks.append(block(None, index - 1, lambda _, b, vit=vit, h=height, w=width:
-                            vit.costs(h, w, b)))
+        blocks.append(block(f"vit{index - 3}", None, index - 1,
+                            lambda _, b, vit=vit, h=height, w=width: vit.costs(h, w, b)))
         layer_costs += [vit.layer_costs(height, width)] * len(vit.transformer)
         shapes += [search_space.MoELayerShape(vit.dim, vit.hidden, height * width)
                    for _ in vit.transformer]
     classes = self.head.out_features
-    blocks.append(block(len(options) - 1, None, lambda a, _: (a * classes + classes,
-                                                               a * classes)))
+    blocks.append(block("head", len(options) - 1, None, lambda a, _: (a * classes + classes,
+                                                                       a * classes)))
     base_params = -sum(b.params[-1][-1] for b in blocks) - sum(p for p, _ in layer_costs)
     for path, leaf in nnx.to_flat_state(nnx.state(self, nnx.Param)):
       if "ffn" not in path:
