@@ -3,11 +3,12 @@
 settings checked (`settings.check`) → data (`stages.data`) → with `supernet.frozen_stages`,
 the frozen trunk and its cached features (`stages.trunk`: supernet training, the search and
 final training read them and train the tail alone) → supernet training (`stages.supernet`)
-→ the controller's search (`stages.search`: population evaluator, reward, Pareto archive) → pruning of the winner, final training of it and of the baselines (one
-recipe), test metrics (`stages.final`) → export (`workdir/final/`) → report
-(`workdir/results/`). Each stage checkpoints under `workdir/checkpoints/<stage>/`; running
-the same command again continues from the last completed step of the stage it was in and
-ends with the same results as an uninterrupted run (every key comes from `config.seed`).
+→ the controller's search (`stages.search`: population evaluator, reward, Pareto archive)
+→ pruning of the winner, final training of it and of the baselines (one recipe), test
+metrics (`stages.final`) → export (`workdir/final/`) → report (`workdir/results/`). Each
+stage checkpoints under `workdir/checkpoints/<stage>/`; running the same command again
+continues from the last completed step of the stage it was in and ends with the same
+results as an uninterrupted run (every key comes from `config.seed`).
 `run_baselines` adds baselines to a finished search.
 """
 

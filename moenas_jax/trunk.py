@@ -2,10 +2,10 @@
 
 A supernet's first stages (`MobileViTV2.freeze_trunk`) hold no searched gene, so every
 candidate computes the same features there. Frozen (left out of the optimizer, batch norm in
-evaluation mode), they are computed once per image (`features`) and the search trains and
-scores only the tail on them (`FeatureCache`). `check_trunk` compares the trunk weights of an exported model
-(`export.save`, e.g. `<workdir>/final` of an earlier search) with a supernet's from their
-shapes alone (nothing compiles, no weight is read); `load_trunk` copies them in.
+evaluation mode), they are computed once per image (`FeatureCache`) and the search trains
+and scores only the tail on them. `check_trunk` compares the trunk weights of an exported
+model (`export.save`, e.g. `<workdir>/final` of an earlier search) with a supernet's from
+their shapes alone (nothing compiles, no weight is read); `load_trunk` copies them in.
 """
 
 from __future__ import annotations
