@@ -2,7 +2,8 @@
 search, and the found model's test quality, side by side (same seed, same machine).
 
 Run: python -m benchmarks.frozen_trunk --workdir=DIR [--steps 400] [--frozen_stages 3]
-     [--set search.candidates=48 ...]   (one JSON object; progress on stderr)
+     [--runs full frozen frozen_loaded] [--set search.candidates=48 ...]
+     (one JSON object; progress on stderr)
 
 Three searches of configs/default.py (with the `--set` overrides, Python literals), each in
 DIR/<name> (resumable: a finished one is only read back):
@@ -77,13 +78,15 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--frozen_stages", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--runs", nargs="+", default=["full", "frozen", "frozen_loaded"],
+                      help="which of the runs (full first: the others compare with it)")
   parser.add_argument("--set", dest="overrides", nargs="*", default=[],
                       help="config overrides, e.g. search.candidates=48")
   args = parser.parse_args()
   begin = time.perf_counter()
   configs = _configs(args)
   rows = {name: _row(config, _run(name, config, Path(args.workdir) / name))
-          for name, config in configs.items()}
+          for name, config in configs.items() if name in {"full", *args.runs}}
   full = rows["full"]
 
   def speedup(row):

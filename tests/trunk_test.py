@@ -141,3 +141,20 @@ def test_a_trunk_with_a_searched_gene_or_an_attack_is_refused(tmp_path):
   with pytest.raises(settings.ConfigError, match="config.train.adversarial.method='trades': "
                      "attacks act on images"):
     settings.check(config, tmp_path)
+
+
+def test_a_search_on_a_frozen_trunk_compiles_each_function_once_per_stage(tmp_path):
+  config = smoke.get_config()
+  config.supernet.update(frozen_stages=3, trunk_steps=2, steps=2, checkpoint_every=2)
+  config.search.update(candidates=4, bn_batches=1)
+  config.train.objective.name = "erm"
+  config.update(baselines=())
+  summary = search.run_search(config, tmp_path / "run")
+  compiled = summary["compilations"]
+  assert compiled["trunk"] == {"supernet_step": 1, "trunk_features": 1}  # whole, then cache
+  assert compiled["supernet"] == {"supernet_step": 1}  # the tail's step
+  assert compiled["search"] == {"bn_recalibrate": 1, "population_counts": 1}
+  assert compiled["final"] == {"population_counts": 1, "train_step": 1}
+  assert set(summary["timing"]) >= {"trunk", "supernet", "search", "final"}
+  exported = export.load(tmp_path / "run" / "final")  # the whole model, on images
+  assert exported.predict(np.zeros((2, 28, 28, 3), np.float32)).shape == (2, 10)
