@@ -47,8 +47,8 @@ RESUME_IGNORES = (*checkpoint.IGNORED_CONFIG_KEYS, "search.chunk_size", "data.da
 # Config keys a later `run_baselines` may change in a finished workdir.
 _BASELINE_KEYS = (*RESUME_IGNORES, "baselines", "baseline_options")
 # The jitted functions whose compilations the summary reports (per stage).
-_COMPILED = ("trunk_features", "supernet_step", "proxy_step", "bn_recalibrate", "population_counts",
-             "train_step", "adversarial_counts", "usage_counts")
+_COMPILED = ("trunk_features", "supernet_step", "proxy_step", "bn_recalibrate",
+             "population_counts", "train_step", "adversarial_counts", "usage_counts")
 
 
 def prepare(config: Any, workdir: Path, ignore: tuple[str, ...] = RESUME_IGNORES,

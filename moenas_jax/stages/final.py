@@ -81,7 +81,7 @@ def train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, wo
                                    settings=recipe, seed=config.seed,
                                    checkpointer=checkpoints, log=log, name=name,
                                    objective=objective(config, "train", data, objective_name),
-                                   frozen=model.frozen_names() if features else ())
+                                   frozen=() if features is None else model.frozen_names())
   nnx.update(model, params, state)
   if features is not None:
     model.freeze_trunk(0)
