@@ -41,11 +41,11 @@ def freeze_trunk(config: Any, supernet_model: nnx.Module, data: Data, workdir: P
   of = trunk.FeatureCache(supernet_model, config.data.eval_batch_size).features
 
   perturbations = lighting.indexed(settings.lighting_set(config.search.lighting_severities))
+  train = of(data.train)
   features = dataclasses.replace(
-      data, train=of(data.train), held=of(data.held), search=of(data.search),
+      data, train=train, held=of(data.held), search=of(data.search),
       robust=[of(data.robust, perturbation) for perturbation in perturbations],
-      test=of(data.test))
-  features.image_shape = features.train["image"].shape[1:]
+      test=of(data.test), image_shape=train["image"].shape[1:])
   log(f"[trunk] features {features.image_shape} of {len(data.train['label'])} train, "
       f"{len(data.search['label'])} search ({len(perturbations)} lighting changes of "
       f"{len(data.robust['label'])}), {len(data.test['label'])} test images")
