@@ -145,7 +145,8 @@ def test_a_trunk_with_a_searched_gene_or_an_attack_is_refused(tmp_path):
 
 def test_a_search_on_a_frozen_trunk_compiles_each_function_once_per_stage(tmp_path):
   config = smoke.get_config()
-  config.supernet.update(frozen_stages=3, trunk_steps=2, steps=2, checkpoint_every=2)
+  config.supernet.update(frozen_stages=3, trunk_steps=2, steps=2, warmup_steps=1,
+                         checkpoint_every=2)
   config.search.update(candidates=4, bn_batches=1)
   config.train.objective.name = "erm"
   config.update(baselines=())
