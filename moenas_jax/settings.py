@@ -135,12 +135,14 @@ def model_options(config: Any) -> dict[str, Any]:
 
 
 def supernet_optimizer(config: Any, steps: int | None = None) -> supernet.OptimizerSettings:
-  """The supernet's schedule over `steps` (default `supernet.steps`)."""
+  """The supernet's schedule over `steps` (default `supernet.steps`); the warm-up leaves at
+  least one step of decay (optax's cosine needs one), e.g. for short trunk training."""
   cfg = config.supernet
   steps = cfg.steps if steps is None else steps
   return supernet.OptimizerSettings(learning_rate=cfg.learning_rate,
                                     weight_decay=cfg.weight_decay,
-                                    warmup_steps=min(cfg.warmup_steps, steps), total_steps=steps)
+                                    warmup_steps=min(cfg.warmup_steps, steps - 1),
+                                    total_steps=steps)
 
 
 def train_settings(config: Any) -> train.TrainSettings:
