@@ -62,6 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
       steps=400, batch_size=64, archs_per_step=3, learning_rate=3e-3, weight_decay=0.05,
       warmup_steps=50, checkpoint_every=100,
       objective=dict(name="group_dro", units="group", dro_step_size=0.1),
+      # Frozen trunk (configs/frozen.py): the first frozen_stages of (stem, stage1, stage2)
+      # are trained as part of the whole supernet for trunk_steps steps (or loaded from
+      # trunk_checkpoint, an exported model's folder, e.g. <workdir>/final of an earlier
+      # search), then frozen; their features are cached and `steps` train the tail on
+      # them, the search and final training read them too. 0 = off.
+      frozen_stages=0, trunk_steps=200, trunk_checkpoint="",
       # Adversarial supernet training, as config.train.adversarial ("pgd_at" or "trades":
       # each of the K candidates attacked on its own; about 2 + steps forwards a candidate).
       adversarial=dict(method="none", epsilon=8 / 255, step_size=5 / 255, steps=2, beta=6.0,

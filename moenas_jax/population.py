@@ -300,13 +300,15 @@ class PopulationEvaluator:
 
   def evaluate(self, params: Any, state: Any, population: Arch | None,
                eval_examples: pipeline.Examples, held_examples: pipeline.Examples | None = None,
-               robust_examples: pipeline.Examples | None = None, *,
+               robust_examples: pipeline.Examples | list[pipeline.Examples] | None = None, *,
                attack_key: jax.Array | None = None,
                with_predictions: bool = False) -> dict[str, np.ndarray]:
     """Per-candidate metrics (NumPy arrays with a leading axis P) of a population [P, L], or
     of a standalone model (`population=None`, P = 1).
 
-    Robustness is measured on `robust_examples` (default: the evaluation examples). With
+    Robustness is measured on `robust_examples` (default: the evaluation examples), or on
+    a list of them, one already perturbed per `lighting_set` entry (a frozen trunk's
+    features of the perturbed images). With
     `recalibration_images`, every candidate is scored with its recalibrated batch-norm state.
     With an `attack`, `attack_key` seeds it (`adversarial_counts`).
     `with_predictions`: also "predictions", the clean predicted classes [P, n].
@@ -321,7 +323,12 @@ class PopulationEvaluator:
     summary = self._summarize(clean)
     if self.lighting_set:
       robust_examples = eval_examples if robust_examples is None else robust_examples
-      perturbed, _ = self._scan(params, state, population, robust_examples, self.lighting_set)
+      if isinstance(robust_examples, list):  # perturbed already: one per `lighting_set` entry
+        perturbed = [self._scan(params, state, population, examples, ((0, 0),))[0][0]
+                     for examples in robust_examples]
+      else:
+        perturbed, _ = self._scan(params, state, population, robust_examples,
+                                  self.lighting_set)
       each = jax.tree.map(lambda *v: jnp.stack(v, 1), *perturbed)  # [P, S, N, G]
       # Counts summed over equally sized perturbed copies: their accuracy is the mean accuracy.
       robust = self._summarize(jax.tree.map(lambda v: v.sum(1), each))

@@ -1,12 +1,14 @@
 """`run_search(config, workdir)`: the whole pipeline, resumable at every stage.
 
-settings checked (`settings.check`) → data (`stages.data`) → supernet training
-(`stages.supernet`) → the controller's search (`stages.search`: population evaluator, reward,
-Pareto archive) → pruning of the winner, final training of it and of the baselines (one
-recipe), test metrics (`stages.final`) → export (`workdir/final/`) → report
-(`workdir/results/`). Each stage checkpoints under `workdir/checkpoints/<stage>/`; running
-the same command again continues from the last completed step of the stage it was in and
-ends with the same results as an uninterrupted run (every key comes from `config.seed`).
+settings checked (`settings.check`) → data (`stages.data`) → with `supernet.frozen_stages`,
+the frozen trunk and its cached features (`stages.trunk`: supernet training, the search and
+final training read them and train the tail alone) → supernet training (`stages.supernet`)
+→ the controller's search (`stages.search`: population evaluator, reward, Pareto archive)
+→ pruning of the winner, final training of it and of the baselines (one recipe), test
+metrics (`stages.final`) → export (`workdir/final/`) → report (`workdir/results/`). Each
+stage checkpoints under `workdir/checkpoints/<stage>/`; running the same command again
+continues from the last completed step of the stage it was in and ends with the same
+results as an uninterrupted run (every key comes from `config.seed`).
 `run_baselines` adds baselines to a finished search.
 """
 
@@ -38,14 +40,15 @@ from moenas_jax.stages import data as data_stage
 from moenas_jax.stages import final as final_stage
 from moenas_jax.stages import search as search_stage
 from moenas_jax.stages import supernet as supernet_stage
+from moenas_jax.stages import trunk as trunk_stage
 
 # Config keys that do not change results: a resume with other values goes on.
 RESUME_IGNORES = (*checkpoint.IGNORED_CONFIG_KEYS, "search.chunk_size", "data.data_dir")
 # Config keys a later `run_baselines` may change in a finished workdir.
 _BASELINE_KEYS = (*RESUME_IGNORES, "baselines", "baseline_options")
 # The jitted functions whose compilations the summary reports (per stage).
-_COMPILED = ("supernet_step", "proxy_step", "bn_recalibrate", "population_counts",
-             "train_step", "adversarial_counts", "usage_counts")
+_COMPILED = ("trunk_features", "supernet_step", "proxy_step", "bn_recalibrate",
+             "population_counts", "train_step", "adversarial_counts", "usage_counts")
 
 
 def prepare(config: Any, workdir: Path, ignore: tuple[str, ...] = RESUME_IGNORES,
@@ -56,6 +59,24 @@ def prepare(config: Any, workdir: Path, ignore: tuple[str, ...] = RESUME_IGNORES
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoint.check_config(workdir, {**config.to_dict(), **(extra or {})},
                           override=config.override_workdir, ignore=ignore)
+
+
+def trained_supernet(config: Any, supernet_model: nnx.Module, data: data_stage.Data,
+                     workdir: Path, log: Callable[[str], None],
+                     lap: Callable[[str], None] = lambda stage: None
+                     ) -> data_stage.Data | None:
+  """Trains the supernet's weights into `supernet_model` (resumable); with
+  `supernet.frozen_stages`, first its trunk (`stages.trunk`), then its tail on the trunk's
+  features, the model left taking features. Returns those features (None without a trunk).
+  `lap(stage)` marks the end of "trunk" and of "supernet"."""
+  features = None
+  if config.supernet.frozen_stages:
+    features = trunk_stage.freeze_trunk(config, supernet_model, data, workdir, log)
+    lap("trunk")
+  nnx.update(supernet_model, *supernet_stage.train_supernet(
+      config, supernet_model, features or data, workdir, log))
+  lap("supernet")
+  return features
 
 
 def run_search(config: Any, workdir: str | os.PathLike,
@@ -87,20 +108,21 @@ def run_search(config: Any, workdir: str | os.PathLike,
     space = supernet_model.search_space()
     lap("data_and_model")
 
-    params, state = supernet_stage.train_supernet(config, supernet_model, data, workdir, log)
-    nnx.update(supernet_model, params, state)
-    lap("supernet")
-
-    graphdef = models.split(supernet_model)[0]
-    evaluator = search_stage.population_evaluator(config, graphdef, data)
+    features = trained_supernet(config, supernet_model, data, workdir, log, lap)
+    searched = features or data
+    graphdef, params, state = models.split(supernet_model)
+    evaluator = search_stage.population_evaluator(config, graphdef, searched)
     candidates = search_stage.run_controller(
-        config, graphdef, params, state, space, data, workdir, log,
+        config, graphdef, params, state, space, searched, workdir, log,
         evaluator=None if config.search.proxy_steps else evaluator)
     best = max(candidates, key=lambda record: record["reward"])
     archive = reward.ParetoArchive(settings.reward_spec(config))  # feasible candidates only
     for record in candidates:
       archive.add(record)
     lap("search")
+    if features is not None:  # pruning and tests run the whole model on images
+      supernet_model.freeze_trunk(0)
+      graphdef = models.split(supernet_model)[0]
 
     found = search_space.from_json(best["arch"])
     pruned_arch, pruned_params, pruning, before, after = final_stage.prune_found(
@@ -111,7 +133,8 @@ def run_search(config: Any, workdir: str | os.PathLike,
 
     found_model, trained, found_predictions = final_stage.train_and_evaluate(
         config, "final", export.standalone(nnx.merge(graphdef, pruned_params, state),
-                                           pruned_arch), data, workdir, log)
+                                           pruned_arch), data, workdir, log,
+        features=features)
     lap("final")
     baselines, predictions = final_stage.train_baselines(config, supernet_model, data, workdir,
                                                          log)
@@ -153,8 +176,8 @@ def run_baselines(config: Any, workdir: str | os.PathLike,
   data = data_stage.load_data(config, workdir)
   data_stage.check_data(config, data)
   supernet_model = supernet_stage.build_supernet(config, data)
-  nnx.update(supernet_model, *supernet_stage.train_supernet(config, supernet_model, data,
-                                                            workdir, log))
+  if trained_supernet(config, supernet_model, data, workdir, log) is not None:
+    supernet_model.freeze_trunk(0)
   new, new_predictions = final_stage.train_baselines(config, supernet_model, data, workdir, log)
   predictions_path = workdir / "results" / final_stage.PREDICTIONS
   predictions = {**final_stage.load_predictions(predictions_path), **new_predictions}

@@ -38,6 +38,7 @@ from moenas_jax import (
   search_space,
   supernet,
   train,
+  trunk,
 )
 from moenas_jax.data import DATASETS, describe_dataset, lighting
 from moenas_jax.models import mobilevit
@@ -133,12 +134,15 @@ def model_options(config: Any) -> dict[str, Any]:
   return options
 
 
-def supernet_optimizer(config: Any) -> supernet.OptimizerSettings:
+def supernet_optimizer(config: Any, steps: int | None = None) -> supernet.OptimizerSettings:
+  """The supernet's schedule over `steps` (default `supernet.steps`); the warm-up leaves at
+  least one step of decay (optax's cosine needs one), e.g. for short trunk training."""
   cfg = config.supernet
+  steps = cfg.steps if steps is None else steps
   return supernet.OptimizerSettings(learning_rate=cfg.learning_rate,
                                     weight_decay=cfg.weight_decay,
-                                    warmup_steps=min(cfg.warmup_steps, cfg.steps),
-                                    total_steps=cfg.steps)
+                                    warmup_steps=min(cfg.warmup_steps, steps - 1),
+                                    total_steps=steps)
 
 
 def train_settings(config: Any) -> train.TrainSettings:
@@ -295,10 +299,36 @@ def _check_supernet_section(config: Any) -> None:
   _integer(config, "supernet.warmup_steps", 0, "e.g. 50, or 0 for none")
   _integer(config, "supernet.checkpoint_every", 1, "e.g. 100 steps")
   objective_settings(config, "supernet")
+  _check_trunk_fields(config)
   if adversarial_settings(config, "supernet").method == "advmoe":
     raise ConfigError("supernet.adversarial.method", "advmoe", "the supernet trains K "
                       "candidates at once and does not alternate routers and backbones",
                       "use 'trades' or 'pgd_at' there; AdvMoE is for config.train")
+
+
+def _check_trunk_fields(config: Any) -> None:
+  """The frozen trunk's fields; its stages and weights are checked on the model (`check`)."""
+  stages = _integer(config, "supernet.frozen_stages", 0, "0 (off) to 3: the stem, stage1 and "
+                    "stage2", maximum=len(mobilevit.TRUNK_STAGES))
+  if not isinstance(config.supernet.trunk_checkpoint, str):
+    raise ConfigError("supernet.trunk_checkpoint", config.supernet.trunk_checkpoint, "must be "
+                      "a folder name", "give an exported model's folder, or '' to train it")
+  if not stages:
+    return
+  if config.model.name != mobilevit.NAME:
+    raise ConfigError("supernet.frozen_stages", stages, f"freezes stages of {mobilevit.NAME} "
+                      f"only, not of {config.model.name!r}", "set it to 0")
+  if not config.supernet.trunk_checkpoint:
+    _integer(config, "supernet.trunk_steps", 1, "steps of the whole supernet before the "
+             "trunk is frozen, e.g. 200")
+  attacked = [(field, value) for field, value in (
+      ("supernet.adversarial.method", config.supernet.adversarial.method),
+      ("train.adversarial.method", config.train.adversarial.method),
+      ("search.pgd_steps", config.search.pgd_steps)) if value not in ("none", 0)]
+  if attacked:
+    raise ConfigError(attacked[0][0], attacked[0][1], "attacks act on images, but on a frozen "
+                      "trunk the tail trains and is scored on cached features",
+                      "turn it off, or set supernet.frozen_stages=0")
 
 
 def _data_parallel(field: str, size: int) -> None:
@@ -457,6 +487,18 @@ def check(config: Any, data_dir: Any) -> None:
   except (ValueError, TypeError) as error:
     raise ConfigError("model", config.model.to_dict(), str(error),
                       "fix that field of config.model") from None
+  if config.supernet.frozen_stages:
+    try:
+      model.freeze_trunk(config.supernet.frozen_stages)
+    except ValueError as error:
+      raise ConfigError("supernet.frozen_stages", config.supernet.frozen_stages, str(error),
+                        "lower it") from None
+    if config.supernet.trunk_checkpoint:
+      try:
+        trunk.check_trunk(model, config.supernet.trunk_checkpoint)
+      except ValueError as error:
+        raise ConfigError("supernet.trunk_checkpoint", config.supernet.trunk_checkpoint,
+                          str(error), "give another exported model") from None
   if (config.train.adversarial.method == "advmoe"
       and not loss.has_router(nnx.state(model, nnx.Param))):
     raise ConfigError("train.adversarial.method", "advmoe", f"alternates an image router and "

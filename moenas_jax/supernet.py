@@ -11,7 +11,8 @@ weights; the batch-norm statistics each candidate computes are averaged over the
 Optimiser: AdamW with linear warmup and cosine decay, gradients clipped to global norm 1;
 weight decay applies to conv and linear kernels and expert weight matrices only (`decay_mask`).
 One compiled step for the whole run; with a mesh the batch is split over all its devices
-(data parallel, weights replicated).
+(data parallel, weights replicated). `frozen`: top-level weight names the optimizer leaves
+out (a frozen trunk, `make_optimizer`).
 
 Adversarial supernet training (`adversarial`: `pgd_at` or `trades`): each candidate is
 attacked on its own (`loss.adversarial_terms` under the vmap over the K candidates, one key
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -72,13 +74,28 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
+def frozen_labels(params: Any, frozen: Sequence[str]) -> Any:
+  """"frozen" at the leaves under a top-level name in `frozen`, else "trained"."""
+  def label(path, leaf):
+    del leaf
+    return "frozen" if path and getattr(path[0], "key", None) in frozen else "trained"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(settings: OptimizerSettings, frozen: Sequence[str] = ()
+                   ) -> optax.GradientTransformation:
+  """The settings' AdamW; the weights under the top-level names in `frozen` (a frozen trunk)
+  are left out: never updated, no optimizer state, not in the clipped gradient norm."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, settings.learning_rate, settings.warmup_steps, settings.total_steps,
       end_value=settings.learning_rate * settings.final_fraction)
-  return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
-                     optax.adamw(schedule, weight_decay=settings.weight_decay,
-                                 mask=decay_mask))
+  optimizer = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
+                          optax.adamw(schedule, weight_decay=settings.weight_decay,
+                                      mask=decay_mask))
+  if not frozen:
+    return optimizer
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                               lambda params: frozen_labels(params, tuple(frozen)))
 
 
 def sandwich(space: SearchSpace, key: jax.Array, num_archs: int) -> Arch:
@@ -97,7 +114,8 @@ class SupernetTrainer:
   def __init__(self, graphdef: nnx.GraphDef, space: SearchSpace, *, archs_per_step: int,
                optimizer: OptimizerSettings, mesh: Mesh | None = None,
                objective: objectives.Objective | None = None,
-               adversarial_settings: adversarial.AdversarialSettings | None = None):
+               adversarial_settings: adversarial.AdversarialSettings | None = None,
+               frozen: Sequence[str] = ()):
     if archs_per_step < 2:
       raise ValueError(f"archs_per_step={archs_per_step}: the sandwich rule needs at least 2 "
                        f"(the largest and the smallest candidate)")
@@ -107,7 +125,7 @@ class SupernetTrainer:
                        "for final training); use adversarial method 'trades' or 'pgd_at'")
     terms = (loss.terms if robust.method == "none" else
              functools.partial(loss.adversarial_terms, settings=robust))
-    self.optimizer = make_optimizer(optimizer)
+    self.optimizer = make_optimizer(optimizer, frozen)
     self.objective = objectives.Objective.erm() if objective is None else objective
     self.mesh = mesh
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -87,16 +87,17 @@ class Trainer:
   """The jitted step of one model under one schedule; `fit` trains (or resumes) it.
 
   Several `fit` calls share the compiled step (e.g. a run and its resumption in one process).
+  `frozen`: top-level weight names the optimizer leaves unchanged (a frozen trunk).
   """
 
   def __init__(self, graphdef: nnx.GraphDef, settings: TrainSettings, num_examples: int,
-               objective: objectives.Objective | None = None):
+               objective: objectives.Objective | None = None, frozen: Sequence[str] = ()):
     if not 0 < settings.batch_size <= num_examples:
       raise ValueError(f"batch_size={settings.batch_size} must be in 1..{num_examples} (the "
                        f"number of training examples); lower it or give more examples")
     self.settings, self.num_examples = settings, num_examples
     self.steps_per_epoch = num_examples // settings.batch_size
-    optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch))
+    optimizer = supernet.make_optimizer(settings.optimizer(self.steps_per_epoch), frozen)
     self.objective = objectives.Objective.erm() if objective is None else objective
     robust = settings.adversarial
     if robust.method == "advmoe":
@@ -173,13 +174,14 @@ class Trainer:
 def train(graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State,
           train_examples: pipeline.Examples, *, settings: TrainSettings, seed: int,
           checkpointer: Checkpointer | None = None, log: Callable[[str], Any] | None = None,
-          objective: objectives.Objective | None = None, name: str = "train"
-          ) -> tuple[nnx.State, nnx.State, list[dict]]:
+          objective: objectives.Objective | None = None, name: str = "train",
+          frozen: Sequence[str] = ()) -> tuple[nnx.State, nnx.State, list[dict]]:
   """Trains a model from its split state; returns (params, state, history). See `Trainer.fit`.
 
   `objective`: the training loss (`objectives.Objective`; None: ERM). `name`: its log lines'.
+  `frozen`: top-level weight names left unchanged (`Trainer`).
   """
-  trainer = Trainer(graphdef, settings, len(train_examples["label"]), objective)
+  trainer = Trainer(graphdef, settings, len(train_examples["label"]), objective, frozen)
   return trainer.fit(params, state, train_examples, seed=seed, checkpointer=checkpointer,
                      log=log, name=name)
 

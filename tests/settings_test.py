@@ -96,6 +96,9 @@ BAD_VALUES = [
     ("train.adversarial.steps", 0, "'trades' needs steps >= 1"),
     ("train.adversarial.beta", -1.0, "must be a finite number"),
     ("supernet.adversarial.method", "advmoe", "does not alternate routers and backbones"),
+    ("supernet.frozen_stages", 4, r"must be an integer in 0..3; 0 \(off\) to 3"),
+    ("supernet.trunk_steps", 0, "must be an integer >= 1; steps of the whole supernet"),
+    ("supernet.trunk_checkpoint", "/no/trunk", "/no/trunk holds no exported model"),
 ]
 # Refused once the training split's size is known: after reading the data, before compiling.
 DATA_BAD_VALUES = [
@@ -124,6 +127,8 @@ def _config(field, value):
     config.evaluation.pgd_steps = 10
   if field == "train.adversarial.steps":
     config.train.adversarial.method = "trades"
+  if field.startswith("supernet.trunk_"):
+    config.supernet.frozen_stages = 3
   _set(config, field, value)
   return config
 
@@ -162,8 +167,9 @@ def test_a_value_too_large_for_the_data_is_refused_before_compiling(tmp_path_fac
 
 
 def test_the_smoke_default_and_fahana_configs_pass(tmp_path):
-  from configs import default, fahana, utkface_cpu
-  for config in (smoke.get_config(), default.get_config(), fahana.get_config()):
+  from configs import default, fahana, frozen, utkface_cpu
+  for config in (smoke.get_config(), default.get_config(), fahana.get_config(),
+                 frozen.get_config()):
     settings.check(config, tmp_path)
   config = utkface_cpu.get_config()
   config.data.manual_dir = str(tmp_path)  # no archive there: named before anything else

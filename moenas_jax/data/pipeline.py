@@ -2,7 +2,8 @@
 
 A split is read once into NumPy arrays (`read_split`): uint8 images [N, H, W, C], int32 labels
 and group ids. Batches are `{"image": float32 [B, H, W, C] in [0, 1], "label": int32 [B],
-"group": int32 [B]}`; evaluation batches add `"mask": bool [B]` and always have the same shape
+"group": int32 [B]}` (float32 "images", e.g. a frozen trunk's cached features, pass as they
+are); evaluation batches add `"mask": bool [B]` and always have the same shape
 (the last one is padded and masked), so the evaluator compiles once.
 """
 
@@ -35,7 +36,8 @@ def read_split(source: Sequence[dict], num_classes: int, num_groups: int,
 
 
 def _batch(examples: Examples, indices: np.ndarray) -> dict[str, np.ndarray]:
-  return {"image": examples["image"][indices].astype(np.float32) / 255.0,
+  images = examples["image"][indices]
+  return {"image": images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images,
           "label": examples["label"][indices], "group": examples["group"][indices]}
 
 

@@ -31,6 +31,9 @@ from moenas_jax.search_space import Arch
 
 NAME = "mobilevit_v2"
 _STAGE_WIDTHS = (64, 128, 256, 384, 512)
+# The stages, in order, that can form a frozen trunk (`MobileViTV2.freeze_trunk`): none has
+# an MoE or depth gene; stage1 and stage2 have the width gene.
+TRUNK_STAGES = ("stem", "stage1", "stage2")
 _ATTENTION_WIDTHS = (128, 192, 256)
 
 
@@ -173,6 +176,9 @@ class MobileViTV2(nnx.Module):
   MobileViT stage. Both act as masks, so candidates share one compiled function. A
   standalone candidate gives its channel counts as `stage_widths` and its depths as
   `depths`.
+
+  Frozen trunk (`freeze_trunk(k)`): the model takes the features of its first k stages
+  (`trunk(images)`) instead of images and runs only the stages after them (the tail).
   """
 
   def __init__(self, *, num_classes: int, image_size: Sequence[int] = (32, 32),
@@ -253,6 +259,43 @@ class MobileViTV2(nnx.Module):
           moe_settings=dict(moe_settings or {}), rngs=rngs))
       first += depth
     self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+    self.frozen_stages = 0
+
+  def freeze_trunk(self, stages: int) -> None:
+    """From now on the first `stages` of `TRUNK_STAGES` are a trunk outside the model's
+    call: `__call__` takes `trunk(images)` and runs the tail only (0: images, every stage).
+    Refuses a trunk with a searched gene."""
+    if not 0 <= stages <= len(TRUNK_STAGES):
+      raise ValueError(f"frozen stages must be in 0..{len(TRUNK_STAGES)} (the stem, stage1, "
+                       f"stage2: the stages without MoE or depth genes), got {stages}")
+    if self.searches_width and stages > 1:
+      raise ValueError(f"{stages} frozen stages would freeze stage1's width gene "
+                       f"(width_choices={self.config['width_choices']}); freeze only the "
+                       f"stem (1), or search no width (width_choices=(1.0,))")
+    self.frozen_stages = stages
+
+  def frozen_names(self) -> tuple[str, ...]:
+    """The top-level names of the frozen trunk's weights (`freeze_trunk`)."""
+    return TRUNK_STAGES[:self.frozen_stages]
+
+  def _trunk_stage(self, stage: int, x: jax.Array, train: bool, width: Any) -> jax.Array:
+    """Stage `stage` of `TRUNK_STAGES` on x; `width(i)`: block i's active channels."""
+    if stage == 0:
+      return self.stem(x, train)
+    if stage == 1:
+      return self.stage1(x, train, width(0))
+    for i, block in enumerate(self.stage2):
+      x = block(x, train, width(1 + i))
+    return x
+
+  def trunk(self, images: jax.Array) -> jax.Array:
+    """The frozen trunk's features of `images` (evaluation mode, full width): the input
+    `__call__` takes after `freeze_trunk`."""
+    layers.check_images(NAME, images, self.input_shape)
+    x = images
+    for stage in range(self.frozen_stages):
+      x = self._trunk_stage(stage, x, False, lambda i: None)
+    return x
 
   @property
   def searches_width(self) -> bool:
@@ -312,17 +355,17 @@ class MobileViTV2(nnx.Module):
 
     `key` drives the gate noise in training. Metrics: `aux_loss` (summed over layers),
     `drop_fraction` [L], `expert_counts` (a tuple of L arrays [E_l]); a layer beyond its
-    stage's depth counts 0 in each.
+    stage's depth counts 0 in each. After `freeze_trunk`, `images` are `trunk(images)`.
     """
-    layers.check_images(NAME, images, self.input_shape)
+    if not self.frozen_stages:
+      layers.check_images(NAME, images, self.input_shape)
     arch = self.full_arch() if arch is None else arch
     self._check_arch(arch)
     active = self._active_widths(arch)
     width = (lambda i: None) if active is None else (lambda i: active[i])
-    x = self.stem(images, train)
-    x = self.stage1(x, train, width(0))
-    for i, block in enumerate(self.stage2):
-      x = block(x, train, width(1 + i))
+    x = images
+    for stage in range(self.frozen_stages, len(TRUNK_STAGES)):
+      x = self._trunk_stage(stage, x, train, width)
     metrics, first = [], 0
     for stage, (down, vit) in enumerate(zip(self.downsample, self.vit)):
       depth = len(vit.transformer)

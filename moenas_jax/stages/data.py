@@ -19,7 +19,9 @@ class Data:
   train: pipeline.Examples
   held: pipeline.Examples
   search: pipeline.Examples
-  robust: pipeline.Examples  # the part of the search split scored under lighting changes
+  # The part of the search split scored under lighting changes; a frozen trunk's features:
+  # one split per lighting change (`stages.trunk`).
+  robust: pipeline.Examples | list[pipeline.Examples]
   test: pipeline.Examples
   class_names: tuple[str, ...]
   group_names: tuple[str, ...]

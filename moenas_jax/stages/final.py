@@ -57,14 +57,19 @@ def _test_metrics(config: Any, evaluator: evaluate.Evaluator, params: Any, state
 
 
 def train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, workdir: Path,
-                       log: Callable[[str], None], objective_name: str | None = None
+                       log: Callable[[str], None], objective_name: str | None = None,
+                       features: Data | None = None
                        ) -> tuple[nnx.Module, dict[str, Any], np.ndarray]:
   """Trains a standalone model with the shared recipe (resumable) and evaluates it on test.
 
   `objective_name` replaces the name of `config.train.objective` (e.g. "erm" for the
   reference). Under AdvMoE, a model without an image router (a dense baseline) trains with
-  TRADES, AdvMoE's backbone step. Returns (model, test metrics, test predictions).
+  TRADES, AdvMoE's backbone step. With `features` (a frozen trunk's, `stages.trunk`), only
+  the tail trains, on them; the trunk stays as it is. The test runs the whole model on
+  images. Returns (model, test metrics, test predictions).
   """
+  if features is not None:
+    model.freeze_trunk(config.supernet.frozen_stages)
   graphdef, params, state = models.split(model)
   recipe = settings.train_settings(config)
   if recipe.adversarial.method == "advmoe" and not loss.has_router(params):
@@ -72,11 +77,15 @@ def train_and_evaluate(config: Any, name: str, model: nnx.Module, data: Data, wo
     recipe = dataclasses.replace(recipe, adversarial=dataclasses.replace(
         recipe.adversarial, method="trades"))
   with checkpoint.Checkpointer(workdir / "checkpoints" / name) as checkpoints:
-    params, state, _ = train.train(graphdef, params, state, data.train,
+    params, state, _ = train.train(graphdef, params, state, (features or data).train,
                                    settings=recipe, seed=config.seed,
                                    checkpointer=checkpoints, log=log, name=name,
-                                   objective=objective(config, "train", data, objective_name))
+                                   objective=objective(config, "train", data, objective_name),
+                                   frozen=() if features is None else model.frozen_names())
   nnx.update(model, params, state)
+  if features is not None:
+    model.freeze_trunk(0)
+    graphdef = models.split(model)[0]
   results, predictions = _test_metrics(config, test_evaluator(config, graphdef, data), params,
                                        state, data, with_predictions=True)
   results.update(evaluate.model_costs(model))
