@@ -3,6 +3,7 @@ trained into) a workdir, and stand-alone training of a candidate with the final 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import sys
@@ -25,6 +26,17 @@ SUPERNET_KEYS = ("seed", "data", "model", "supernet")
 
 def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
+
+
+def set_overrides(config: Any, overrides: list[str]) -> None:
+  """Sets each 'section.name=<Python literal>' of `overrides` (`--set`) in `config`."""
+  for override in overrides:
+    path, _, text = override.partition("=")
+    *sections, name = path.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    target[name] = ast.literal_eval(text)
 
 
 def seed_interval(values: list[float]) -> dict:

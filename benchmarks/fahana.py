@@ -32,7 +32,6 @@ the means meet the size, latency and accuracy targets and every seed's disparity
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import sys
@@ -79,13 +78,7 @@ def config_for(dataset: str, seed: int, utkface_dir: str, overrides: list[str]):
   config.baseline_options = {BASELINE: {"width_multiplier": width}}
   config.seed = seed
   config.reward.param_budget = mobilenet_params(config) // 3
-  for override in overrides:
-    path, _, text = override.partition("=")
-    *sections, name = path.split(".")
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = ast.literal_eval(text)
+  common.set_overrides(config, overrides)
   return config
 
 

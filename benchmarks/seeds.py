@@ -24,7 +24,6 @@ scores, not its search score, are the ones compared here.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import sys
@@ -42,13 +41,7 @@ METRICS = ("accuracy", "disparity", "worst_group_accuracy", "robustness")
 
 def _config(seed: int, overrides: list[str]):
   config = default.get_config()
-  for override in overrides:
-    path, _, text = override.partition("=")
-    *sections, name = path.split(".")
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = ast.literal_eval(text)
+  common.set_overrides(config, overrides)
   config.seed = seed
   return config
 

@@ -129,8 +129,9 @@ def save(directory: str | os.PathLike, model: nnx.Module, *, model_name: str,
   return directory
 
 
-def load(directory: str | os.PathLike) -> Exported:
-  """The model `save` wrote, rebuilt from its metadata and weights."""
+def abstract(directory: str | os.PathLike) -> tuple[nnx.Module, dict[str, Any]]:
+  """The model `save` wrote in `directory`, rebuilt from its metadata without weights
+  (`nnx.eval_shape`: shapes only), and the metadata."""
   directory = Path(directory)
   if not (directory / "metadata.json").exists():
     raise FileNotFoundError(f"{directory} holds no exported model (no metadata.json); give the "
@@ -138,7 +139,13 @@ def load(directory: str | os.PathLike) -> Exported:
   metadata = checkpoint.read_json(directory / "metadata.json")
   config = {key: tuple(value) if isinstance(value, list) else value
             for key, value in metadata["config"].items()}
-  model = nnx.eval_shape(lambda: models.build(metadata["model"], rngs=nnx.Rngs(0), **config))
+  return (nnx.eval_shape(lambda: models.build(metadata["model"], rngs=nnx.Rngs(0), **config)),
+          metadata)
+
+
+def load(directory: str | os.PathLike) -> Exported:
+  """The model `save` wrote, rebuilt from its metadata and weights."""
+  model, metadata = abstract(directory)
   _, params, state = models.split(model)
   with checkpoint.Checkpointer(directory / "weights") as weights:
     tree, _ = weights.restore(like={"params": params, "state": state})

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moenas_jax import checkpoint, export, models
+from moenas_jax import export, models
 from moenas_jax.data import lighting, pipeline
 
 
@@ -30,16 +30,10 @@ def _flat_shapes(state: nnx.State, names: tuple[str, ...]) -> dict[str, tuple[in
 def check_trunk(model: nnx.Module, directory: str | Path) -> None:
   """Raises ValueError, naming the first difference, unless the model exported in `directory`
   has the frozen trunk of `model` (`model.frozen_names()`) with the same shapes."""
-  directory = Path(directory)
-  if not (directory / "metadata.json").exists():
-    raise ValueError(f"{directory} holds no exported model (no metadata.json); give the final/ "
-                     f"folder of an earlier search, or a folder export.save wrote")
-  metadata = checkpoint.read_json(directory / "metadata.json")
-  config = {key: tuple(value) if isinstance(value, list) else value
-            for key, value in metadata["config"].items()}
   try:
-    exported = nnx.eval_shape(lambda: models.build(metadata["model"], rngs=nnx.Rngs(0),
-                                                   **config))
+    exported, metadata = export.abstract(directory)
+  except FileNotFoundError as error:
+    raise ValueError(str(error)) from None
   except (ValueError, TypeError) as error:
     raise ValueError(f"the model exported in {directory} cannot be rebuilt: {error}") from None
   names = model.frozen_names()
