@@ -68,8 +68,9 @@ def random_examples(seed: int, size: int) -> dict[str, np.ndarray]:
 # search_test makes the smoke search while the other worker runs multihost_test (its own
 # processes); notebook_test, which reads the smoke search, and proxy_test come next.
 _SLOWEST_FIRST = ("search_test.py", "multihost_test.py", "notebook_test.py", "proxy_test.py",
-                  "models_test.py", "population_test.py", "supernet_test.py", "moe_test.py",
-                  "finetune_test.py", "export_test.py", "routing_test.py")
+                  "models_test.py", "population_test.py", "supernet_test.py", "trunk_test.py",
+                  "advmoe_benchmark_test.py", "moe_test.py", "finetune_test.py",
+                  "export_test.py", "latency_test.py", "routing_test.py")
 
 
 def pytest_collection_modifyitems(items):
