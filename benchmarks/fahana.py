@@ -73,12 +73,13 @@ def config_for(dataset: str, seed: int, utkface_dir: str, overrides: list[str]):
     config.data.manual_dir = utkface_dir
   else:
     raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+  common.set_overrides(config, overrides)  # first: the baseline follows the supernet's width
   width = min(MOBILENET_WIDTHS, key=lambda w: abs(w - config.model.width_multiplier))
   config.baselines = (BASELINE,)
   config.baseline_options = {BASELINE: {"width_multiplier": width}}
   config.seed = seed
-  config.reward.param_budget = mobilenet_params(config) // 3
-  common.set_overrides(config, overrides)
+  if not any(override.startswith("reward.param_budget=") for override in overrides):
+    config.reward.param_budget = mobilenet_params(config) // 3
   return config
 
 
