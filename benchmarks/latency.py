@@ -6,17 +6,17 @@ Run: python -m benchmarks.latency --output=latency.json [--config=default|smoke|
 This is also how to build the table for a search (`config.search.latency_table`): run it on
 the target device with the search's config. It builds the config's supernet (weights from
 initialisation: timing does not depend on them), measures `latency.measure_table` at
-`--batch_size` (1 image: the edge case) and saves it to `--output`. Then `--candidates`
-candidates sampled with `--seed` (none of them a calibration candidate of the constant, the
-smallest and the largest), sorted by MACs, are exported (`export.standalone`) and timed end to end
-with the same `latency.time_calls` (repeats interleaved across the candidates). Printed:
-`latency_error`, the mean absolute relative error |predicted − measured| / measured,
-`max_error`, each candidate's predicted and measured ms, the table's device and the seconds.
-`calibration_drift`: the smallest and the largest candidate timed again with the others, over
-their table latency (their fit): far from 1, the machine's load changed between the table and
-the validation, and the error shows that, not the table. `latency_error_rescaled`: the error
-with the predictions scaled by the mean drift (a diagnostic for a shared machine; the
-validation candidates play no part in it).
+`--batch_size` (1 image: the edge case) and saves it to `--output`; its constant is fitted on
+`--calibration` candidates (the smallest, the largest and sampled ones, from `--seed`). Then
+`--candidates` other candidates sampled with `--seed`, sorted by MACs, are exported
+(`export.standalone`) and timed end to end with the same `latency.time_calls` (repeats
+interleaved across the candidates). Printed: `latency_error`, the mean absolute relative error
+|predicted − measured| / measured, `max_error`, each candidate's predicted and measured ms, the
+table's device and the seconds. `calibration_drift`: each calibration candidate timed again
+with the others, over its time in the table's calibration: far from 1, the machine's speed changed
+between the table and the validation (a shared machine's neighbours), and the error shows that,
+not the table. `latency_error_rescaled`: the error with the predictions scaled by the mean
+drift (a diagnostic; the validation candidates play no part in it).
 """
 
 from __future__ import annotations
@@ -43,16 +43,10 @@ def _log(message: str) -> None:
 def validation_candidates(space: search_space.SearchSpace, count: int, seed: int,
                           exclude: list[search_space.Arch]) -> list[search_space.Arch]:
   """`count` distinct sampled candidates, none in `exclude`, sorted by MACs."""
-  seen = {arch.key() for arch in exclude}
-  chosen = []
-  for arch in search_space.unstack(space.sample_population(jax.random.key(seed), 64 * count)):
-    if arch.key() not in seen:
-      seen.add(arch.key())
-      chosen.append(arch)
+  chosen = latency.distinct_candidates(space, count, jax.random.key(seed), exclude)
   if len(chosen) < count:
     raise ValueError(f"the space has only {len(chosen)} candidates besides the calibration "
                      f"ones; lower --candidates to at most {len(chosen)}")
-  chosen = chosen[:count]
   return [chosen[i] for i in np.argsort(space.macs(search_space.stack(chosen)), kind="stable")]
 
 
@@ -64,6 +58,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--candidates", type=int, default=10)
+  parser.add_argument("--calibration", type=int, default=8,
+                      help="candidates the constant is fitted on (the smallest, the largest "
+                           "and sampled ones)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   begin = time.perf_counter()
@@ -77,7 +74,8 @@ def main() -> None:
   _log(f"supernet built in {time.perf_counter() - begin:.1f} s; measuring the table")
   start = time.perf_counter()
   table = latency.measure_table(supernet, batch_size=args.batch_size, repeats=args.repeats,
-                                warmup=args.warmup)
+                                warmup=args.warmup, calibration_size=args.calibration,
+                                seed=args.seed)
   latency.save(args.output, table)
   table_seconds = time.perf_counter() - start
   _log(f"table in {table_seconds:.1f} s (constant {table.constant_ms:.3f} ms); validating")
@@ -90,7 +88,7 @@ def main() -> None:
   measured, drift = measured[:len(archs)], measured[len(archs):]
   predicted = table.latency(search_space.stack(archs))
   errors = np.abs(predicted - measured) / measured
-  drift = drift / table.latency(search_space.stack(calibration))
+  drift = drift / np.asarray(table.method["calibration_ms"])
   rescaled = np.abs(predicted * drift.mean() - measured) / measured
   print(json.dumps({
       "config": args.config, "batch_size": args.batch_size, "repeats": args.repeats,

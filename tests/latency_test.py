@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from moenas_jax import latency, models, reward, search, settings
+from moenas_jax import latency, models, reward, search, search_space, settings
 from moenas_jax.compilation import count_compilations
 from moenas_jax.search_space import Arch, MoELayerShape, SearchSpace, stack
 from moenas_jax.stages import search as search_stage
@@ -225,8 +225,14 @@ def test_measure_table_times_every_layer_choice_of_the_smoke_supernet():
   assert len(entries) == 3 * 5 and all(ms > 0 for ms in entries)  # 3 layers, 5 choices each
   assert np.isfinite(table.constant_ms)
   assert table.device == latency.device_description() and table.batch_size == 1
-  assert table.method["calibration"] == [{"num_experts": [1, 1, 1], "top_k": [1, 1, 1]},
-                                         {"num_experts": [3, 3, 3], "top_k": [2, 2, 2]}]
+  # The constant: the mean of the calibration candidates' end-to-end ms minus their sums.
+  calibration = table.method["calibration"]
+  assert calibration[:2] == [{"num_experts": [1, 1, 1], "top_k": [1, 1, 1]},
+                             {"num_experts": [3, 3, 3], "top_k": [2, 2, 2]}]
+  assert len({str(arch) for arch in calibration}) == 8
+  sums = table.block_sum(search_space.stack([search_space.from_json(a) for a in calibration]))
+  np.testing.assert_allclose(table.constant_ms,
+                             np.mean(np.array(table.method["calibration_ms"]) - sums))
   population = space.sample_population(jax.random.key(0), 4)
   np.testing.assert_allclose(table.latency(population),
                              [table.latency(arch) for arch in
@@ -277,3 +283,20 @@ def test_a_conv_moe_space_is_refused_before_timing():
     latency.measure_table(model, repeats=1)
   with pytest.raises(ValueError, match="use mac_budget"):
     _table(SPACE).check(model.search_space())
+
+
+def test_calibration_candidates_are_the_extremes_and_distinct_samples_from_the_seed():
+  space = SPACE  # 5 · 3 = 15 candidates
+  chosen = latency.calibration_candidates(space, 8, seed=0)
+  assert [arch.key() for arch in chosen[:2]] == [space.smallest().key(), space.largest().key()]
+  assert len({arch.key() for arch in chosen}) == 8
+  for arch in chosen:
+    space.validate(arch)
+  assert [a.key() for a in latency.calibration_candidates(space, 8, seed=0)] == [
+      a.key() for a in chosen]
+  assert [a.key() for a in latency.calibration_candidates(space, 8, seed=1)] != [
+      a.key() for a in chosen]
+  # A space with fewer candidates gives all of them; fewer than 2 is refused.
+  assert len(latency.calibration_candidates(space, 100, seed=0)) == 15
+  with pytest.raises(ValueError, match="at least 2 candidates"):
+    latency.calibration_candidates(space, 1, seed=0)
