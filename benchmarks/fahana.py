@@ -150,7 +150,7 @@ def main() -> None:
   parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--utkface_dir", default="../shared/datasets/utkface")
-  parser.add_argument("--repeats", type=int, default=200)
+  parser.add_argument("--repeats", type=int, default=2000)
   parser.add_argument("--set", dest="overrides", nargs="*", default=[],
                       help="config overrides, e.g. train.epochs=3")
   args = parser.parse_args()

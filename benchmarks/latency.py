@@ -55,7 +55,7 @@ def main() -> None:
   parser.add_argument("--output", required=True, help="where the table (JSON) is written")
   parser.add_argument("--config", default="default", help="a module of configs/")
   parser.add_argument("--batch_size", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=200)
+  parser.add_argument("--repeats", type=int, default=2000)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--candidates", type=int, default=10)
   parser.add_argument("--calibration", type=int, default=8,
