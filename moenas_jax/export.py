@@ -137,10 +137,19 @@ def abstract(directory: str | os.PathLike) -> tuple[nnx.Module, dict[str, Any]]:
     raise FileNotFoundError(f"{directory} holds no exported model (no metadata.json); give the "
                             f"final/ folder of a search workdir, or a folder export.save wrote")
   metadata = checkpoint.read_json(directory / "metadata.json")
+  return nnx.eval_shape(lambda: _build(metadata, 0)), metadata
+
+
+def initialised(directory: str | os.PathLike, seed: int) -> nnx.Module:
+  """The architecture `save` wrote in `directory` with fresh weights from `seed` (to train
+  it from scratch)."""
+  return _build(abstract(directory)[1], seed)
+
+
+def _build(metadata: dict[str, Any], seed: int) -> nnx.Module:
   config = {key: tuple(value) if isinstance(value, list) else value
             for key, value in metadata["config"].items()}
-  return (nnx.eval_shape(lambda: models.build(metadata["model"], rngs=nnx.Rngs(0), **config)),
-          metadata)
+  return models.build(metadata["model"], rngs=nnx.Rngs(seed), **config)
 
 
 def load(directory: str | os.PathLike) -> Exported:

@@ -1,5 +1,6 @@
 """Tests of standalone export: a candidate cut out of the supernet with its own shapes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +160,9 @@ def test_an_exported_width_candidate_loads_with_its_shapes(tmp_path):
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   np.testing.assert_allclose(loaded.predict(images), _logits(model, images), rtol=1e-5)
   assert loaded.metadata["arch"]["width"] == [2, 3, 2, 1, 3]
+  # The same architecture from fresh weights: every shape as saved, weights from the seed.
+  fresh = export.initialised(tmp_path / "final", seed=3)
+  chex.assert_trees_all_equal_shapes_and_dtypes(nnx.state(fresh), nnx.state(loaded.model))
+  chex.assert_trees_all_equal(nnx.state(fresh), nnx.state(export.initialised(tmp_path / "final",
+                                                                             seed=3)))
+  assert not np.allclose(_logits(fresh, images), _logits(model, images))

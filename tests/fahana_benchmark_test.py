@@ -36,6 +36,27 @@ def test_compare_takes_ratios_against_mobilenet_and_checks_the_targets():
                            "disparity": False}
 
 
+def _scratch(accuracy, disparity_estimate):
+  return {"metrics": {"accuracy": accuracy, "disparity": 0.2},
+          "found_minus_baseline": {"accuracy": {"estimate": accuracy - 0.70},
+                                   "disparity": {"estimate": disparity_estimate, "low": -0.1,
+                                                 "high": 0.1}}}
+
+
+def test_the_scratch_control_is_compared_with_the_same_mobilenet():
+  row = fahana.compare(_summary(0.72, 0.70, -0.03), np.array([2.0, 5.0]), _scratch(0.66, 0.04))
+  assert row["from_scratch"]["accuracy_delta"] == pytest.approx(-0.04)
+  assert row["from_scratch"]["disparity_delta_interval"]["estimate"] == 0.04
+  assert row["accuracy_delta"] == pytest.approx(0.02)  # the found model's own, unchanged
+  rows = [row, fahana.compare(_summary(0.72, 0.70, -0.03), np.array([2.0, 5.0]),
+                              _scratch(0.70, 0.00))]
+  result = fahana.over_seeds(rows)
+  assert result["from_scratch"]["accuracy_delta"]["mean"] == pytest.approx(-0.02)
+  assert result["from_scratch"]["disparity_delta"]["per_seed"] == [0.04, 0.0]
+  assert "from_scratch" not in fahana.over_seeds([fahana.compare(
+      _summary(0.72, 0.70, -0.03), np.array([2.0, 5.0]))])
+
+
 def test_over_seeds_needs_the_means_and_every_seed_disparity():
   rows = [fahana.compare(_summary(0.72, 0.70, -0.03), np.array([2.0, 5.0])),
           fahana.compare(_summary(0.70, 0.70, -0.01), np.array([2.0, 7.0]))]
