@@ -2,7 +2,7 @@
 
 Run: python -m benchmarks.fahana --workdir=DIR [--datasets fashion_tones utkface]
          [--seeds 0 1 2] [--utkface_dir=../shared/datasets/utkface] [--no-scratch]
-         [--set train.epochs=3 ...]
+         [--scratch_epochs N] [--set train.epochs=3 ...]
 (one JSON object; progress on stderr)
 
 FaHaNa (Sheng et al., DAC 2022) reports its searched network against MobileNetV2: slightly
@@ -34,6 +34,7 @@ scratch. The control `from_scratch` (on by default, `--no-scratch` skips it) tra
 architecture again from fresh weights (`export.initialised`, from the seed) with the same
 recipe, in the run's workdir (resumable; results/found_scratch.json), and compares it paired
 with the same MobileNetV2: both then start alike, so its deltas are the architecture's alone.
+`--scratch_epochs N` trains both from scratch for N epochs instead (nearer convergence).
 """
 
 from __future__ import annotations
@@ -117,22 +118,40 @@ def measured_latencies(found_dir: Path, baseline_options: dict, repeats: int) ->
                             repeats=repeats, warmup=5)
 
 
-def from_scratch(config, workdir: Path, log) -> dict:
+def from_scratch(config, workdir: Path, log, epochs: int | None = None) -> dict:
   """The found architecture trained from fresh weights (seeded by `config.seed`) with the
-  run's recipe and tested paired against its MobileNetV2: {"metrics", "found_minus_baseline"},
-  saved in results/found_scratch.json and read back from there."""
-  path = workdir / "results" / f"{SCRATCH}.json"
+  run's recipe and tested paired against its MobileNetV2: {"epochs", "metrics",
+  "baseline_metrics", "found_minus_baseline"}, saved in results/ and read back from there.
+
+  `epochs` other than the recipe's trains both from scratch for that many (MobileNetV2 again,
+  as `baseline_mobilenet_v2_e<epochs>`): the architectures compared nearer convergence.
+  """
+  epochs = epochs or config.train.epochs
+  suffix = "" if epochs == config.train.epochs else f"_e{epochs}"
+  path = workdir / "results" / f"{SCRATCH}{suffix}.json"
   if path.exists():
     return checkpoint.read_json(path)
+  config = config.copy_and_resolve_references()
+  config.train.epochs = epochs
   data = data_stage.load_data(config, workdir)
   _, tested, predictions = final_stage.train_and_evaluate(
-      config, SCRATCH, export.initialised(workdir / "final", config.seed), data, workdir, log)
-  baseline = final_stage.load_predictions(workdir / "results" / final_stage.PREDICTIONS)
+      config, SCRATCH + suffix, export.initialised(workdir / "final", config.seed), data,
+      workdir, log)
+  if suffix:
+    _, base, base_predictions = final_stage.train_and_evaluate(
+        config, f"baseline_{BASELINE}{suffix}", final_stage.baseline(config, BASELINE, None, data),
+        data, workdir, log)
+  else:
+    summary = checkpoint.read_json(workdir / "results" / "summary.json")
+    base = next(row["metrics"] for row in summary["baselines"] if row["name"] == BASELINE)
+    base_predictions = final_stage.load_predictions(
+        workdir / "results" / final_stage.PREDICTIONS)[BASELINE]
   paired = evaluate.paired_comparison(
-      predictions, baseline[BASELINE], data.test, num_classes=len(data.class_names),
+      predictions, base_predictions, data.test, num_classes=len(data.class_names),
       num_groups=len(data.group_names), seed=config.seed,
       bootstrap_resamples=config.evaluation.bootstrap_resamples)
-  result = metrics.to_python({"metrics": tested, "found_minus_baseline": paired})
+  result = metrics.to_python({"epochs": epochs, "metrics": tested, "baseline_metrics": base,
+                              "found_minus_baseline": paired})
   checkpoint.write_json_atomic(path, result)
   return result
 
@@ -161,8 +180,12 @@ def compare(summary: dict, latencies_ms: np.ndarray, scratch: dict | None = None
                    "disparity": paired["disparity"]["low"] <= 0}
   if scratch is not None:
     tested, delta = scratch["metrics"], scratch["found_minus_baseline"]
-    row["from_scratch"] = {"accuracy": tested["accuracy"], "disparity": tested["disparity"],
-                           "accuracy_delta": tested["accuracy"] - base["accuracy"],
+    row["from_scratch"] = {"epochs": scratch["epochs"], "accuracy": tested["accuracy"],
+                           "disparity": tested["disparity"],
+                           BASELINE: {key: scratch["baseline_metrics"][key]
+                                      for key in ("accuracy", "disparity")},
+                           "accuracy_delta": (tested["accuracy"]
+                                              - scratch["baseline_metrics"]["accuracy"]),
                            "accuracy_delta_interval": delta["accuracy"],
                            "disparity_delta_interval": delta["disparity"]}
   return row
@@ -196,6 +219,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2000)
   parser.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True,
                       help="also train the found architecture from fresh weights (control)")
+  parser.add_argument("--scratch_epochs", type=int, default=None,
+                      help="epochs of the scratch control (default: the recipe's; others "
+                           "train MobileNetV2 from scratch again for as many)")
   parser.add_argument("--set", dest="overrides", nargs="*", default=[],
                       help="config overrides, e.g. train.epochs=3")
   args = parser.parse_args()
@@ -219,7 +245,7 @@ def main() -> None:
       if args.scratch:
         common.log(f"[fahana] {dataset} seed {seed}: the found architecture from scratch")
         with contextlib.redirect_stdout(sys.stderr):
-          scratch = from_scratch(config, workdir, common.log)
+          scratch = from_scratch(config, workdir, common.log, args.scratch_epochs)
       common.log(f"[fahana] {dataset} seed {seed}: timing the found model and {BASELINE}")
       latencies = measured_latencies(workdir / "final",
                                      dict(config.baseline_options[BASELINE]), args.repeats)

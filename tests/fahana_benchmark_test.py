@@ -37,7 +37,8 @@ def test_compare_takes_ratios_against_mobilenet_and_checks_the_targets():
 
 
 def _scratch(accuracy, disparity_estimate):
-  return {"metrics": {"accuracy": accuracy, "disparity": 0.2},
+  return {"epochs": 3, "metrics": {"accuracy": accuracy, "disparity": 0.2},
+          "baseline_metrics": {"accuracy": 0.70, "disparity": 0.1},
           "found_minus_baseline": {"accuracy": {"estimate": accuracy - 0.70},
                                    "disparity": {"estimate": disparity_estimate, "low": -0.1,
                                                  "high": 0.1}}}
